@@ -1,0 +1,167 @@
+"""The ``datadiet-nb`` command: score, prune, train and sweep a preset from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, presets
+from .errors import UserError
+from .presets import PRUNING_SCORES, Preset
+from .train import Diverged
+
+PROG = "datadiet-nb"
+
+
+def _preset(args: argparse.Namespace) -> Preset:
+    preset = presets.get(args.preset)
+    assignments = list(args.set or [])
+    if getattr(args, "offset", None) is not None:
+        assignments.append(f"offset={args.offset}")
+    return presets.with_overrides(preset, assignments)
+
+
+def _store(args: argparse.Namespace):
+    from .store import Store
+    return Store(args.store)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    for name, preset in presets.PRESETS.items():
+        print(f"{name:20s} {preset.dataset} / {preset.model} {preset.model_options or ''}  "
+              f"{len(preset.sparsities)} sparsities x {len(preset.scores)} scores x {len(preset.seeds)} seeds")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from .experiment import compute_scores, load_dataset
+
+    preset = _preset(args)
+    dataset = load_dataset(preset)
+    scores = compute_scores(preset, dataset, _store(args), progress=not args.quiet)
+    labels = dataset.train_labels.numpy()
+    print(f"{dataset.name}: {dataset.num_train} training examples, K={preset.scoring.num_runs} runs "
+          f"at epoch t={preset.scoring.epoch}; mean score per class:")
+    print(f"{'class':>16s} {'el2n':>8s} {'grand':>8s}")
+    for index, name in enumerate(dataset.classes):
+        mask = labels == index
+        print(f"{name:>16s} {scores['el2n'][mask].mean():8.4f} {scores['grand'][mask].mean():8.4f}")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .experiment import kept_indices, load_dataset
+    from .prune import check_sparsity, class_keep_ratio, select_indices
+
+    preset = _preset(args)
+    check_sparsity(args.sparsity, preset.offset)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise UserError(f"{out} exists; choose another --out or pass --force to replace it")
+    dataset = load_dataset(preset)
+    if args.scores:
+        try:
+            scores = np.load(args.scores)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read scores file {args.scores}: {error}") from None
+        if scores.shape != (dataset.num_train,):
+            raise UserError(f"{args.scores} holds {scores.shape} scores but {dataset.name} has "
+                            f"{dataset.num_train} training examples")
+        kept = select_indices(scores, args.sparsity, offset=preset.offset)
+    else:
+        kept = kept_indices(preset, dataset, args.score, args.sparsity, args.seed, _store(args),
+                            progress=not args.quiet)
+    ratio = class_keep_ratio(dataset.train_labels.numpy(), kept, dataset.num_classes)
+    print(f"kept {len(kept)} of {dataset.num_train} examples (sparsity {args.sparsity:g}); class keep ratio:")
+    for name, r in sorted(zip(dataset.classes, ratio), key=lambda item: -item[1]):
+        print(f"{name:>16s} {r:.3f}")
+    if out is not None:
+        from .store import atomic_write_bytes
+        import io
+        buffer = io.BytesIO()
+        np.save(buffer, kept)
+        atomic_write_bytes(out, buffer.getvalue())
+        print(f"kept indices written to {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .experiment import load_dataset, train_run
+
+    preset = _preset(args)
+    dataset = load_dataset(preset)
+    record = train_run(preset, dataset, args.score, args.sparsity, args.seed, _store(args), progress=not args.quiet)
+    print(f"{record['score']} sparsity {record['sparsity']:g} seed {record['seed']}: "
+          f"test accuracy {record['overall_accuracy']:.4f}, std of class accuracy {record['bias']['std']:.4f}, "
+          f"worst class {record['bias']['worst']:.4f}  (record {_store(args).run_path(record['key'])})")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    import time
+
+    from .results import format_table, keep_ratio_table, load_results, summarize
+    from .sweep import run_sweep
+
+    preset = _preset(args)
+    store = _store(args)
+    started = time.perf_counter()
+    records = run_sweep(preset, store, progress=not args.quiet)
+    results = load_results(store)
+    results = results[results["key"].isin({r["key"] for r in records})]
+    print(f"\n{preset.name}: {len(records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
+    print(format_table(summarize(results)))
+    print("\nclass keep ratio:")
+    print(format_table(keep_ratio_table(results)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Class-wise effects of Data Diet pruning.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        if name != "presets":
+            sub.add_argument("--preset", default="digits", help="preset name (default: digits)")
+            sub.add_argument("--store", default="runs", help="results directory (default: runs/)")
+            sub.add_argument("--set", action="append", metavar="KEY=VALUE",
+                             help="edit the preset, e.g. recipe.epochs=5 or scoring.num_runs=2 (repeatable)")
+            sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        return sub
+
+    command("presets", cmd_presets, "list the built-in presets")
+    command("score", cmd_score, "compute (or load) EL2N and GraNd scores of a preset's training set")
+    for name, handler, help in (("prune", cmd_prune, "select the kept training examples at a sparsity"),
+                                ("train", cmd_train, "prune, train on the kept examples, evaluate, store the record")):
+        sub = command(name, handler, help)
+        sub.add_argument("--score", default="el2n", choices=PRUNING_SCORES)
+        sub.add_argument("--sparsity", type=float, required=True, help="fraction of training examples removed")
+        sub.add_argument("--offset", type=float, default=None, help="fraction of the hardest examples skipped")
+        sub.add_argument("--seed", type=int, default=0)
+        if name == "prune":
+            sub.add_argument("--scores", help="a .npy file of your own scores, one per training example")
+            sub.add_argument("--out", help="write the kept indices (.npy) here")
+            sub.add_argument("--force", action="store_true", help="replace an existing --out file")
+    command("sweep", cmd_sweep, "run every (score, sparsity, seed) of a preset and print the results tables")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except Diverged as error:
+        print(f"{PROG}: run failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

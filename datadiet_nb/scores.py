@@ -1,0 +1,119 @@
+"""Per-example difficulty scores of Data Diet (Paul et al. 2021): EL2N and GraNd.
+
+Every function scores one model in eval mode, on the inputs given (un-augmented, already
+normalised), in their order: no shuffling and no dropped last batch, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .errors import UserError
+
+SCORES = ("el2n", "grand")
+GRAD_CHUNK_BYTES = 512 * 2**20  # memory allowed for one chunk of per-example gradients
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """When and how often scores are taken: at epoch ``epoch`` (0 = initialisation), mean over ``num_runs``."""
+
+    epoch: int = 20
+    num_runs: int = 10
+    batch_size: int = 256
+    seed_offset: int = 1000  # scoring run k uses seed seed_offset + k, apart from the final runs' seeds
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed_offset + k for k in range(self.num_runs)]
+
+    def validate(self) -> None:
+        if self.num_runs < 1:
+            raise UserError(f"the number of scoring runs K must be >= 1, got {self.num_runs}")
+        if self.epoch < 0:
+            raise UserError(f"the scoring epoch t must be >= 0, got {self.epoch}")
+        if self.batch_size < 1:
+            raise UserError("scoring batch size must be >= 1")
+
+
+def _batched_eval(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+                  per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``per_batch`` to consecutive batches in eval mode, restoring the model's mode after."""
+    if len(inputs) != len(targets):
+        raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = [per_batch(inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)).cpu()
+               for i in range(0, len(inputs), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def el2n_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """EL2N: ||softmax(f(x)) - onehot(y)||_2 for each row of ``inputs`` (the L2 norm, not its square)."""
+    @torch.no_grad()
+    def per_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()
+        error = F.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).float()
+        return error.pow(2).sum(1).sqrt()
+    return _batched_eval(model, inputs, targets, batch_size, per_batch)
+
+
+def grand_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """GraNd: ||d loss(f(x), y) / d theta||_2 over ALL parameters, for each example on its own.
+
+    Exact per-example gradients via ``torch.func`` (vmap of grad over a functional call in eval
+    mode); squares are summed per parameter tensor and accumulated in float64.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    num_params = sum(p.numel() for p in params.values())
+    chunk = max(1, min(batch_size, GRAD_CHUNK_BYTES // (4 * num_params)))
+
+    def example_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits.float(), y.unsqueeze(0))
+
+    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk)
+
+    def per_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        grads = per_example_grad(params, x, y)
+        squared = sum(g.pow(2).flatten(1).sum(1, dtype=torch.float64) for g in grads.values())
+        return squared.sqrt()
+    return _batched_eval(model, inputs, targets, batch_size, per_batch)
+
+
+def grand_last_layer_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                            batch_size: int = 256) -> torch.Tensor:
+    """The common approximation of GraNd by the last linear layer only (weight and bias), for comparison.
+
+    For a linear head z = W a + b with softmax cross-entropy, the per-example gradient is
+    (p - y) a^T and (p - y), so its squared norm is ||p - y||^2 (||a||^2 + 1).
+    """
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    features: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, args, output: features.append(args[0].detach()))
+
+    @torch.no_grad()
+    def per_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        features.clear()
+        logits = model(x).float()
+        error = F.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).float()
+        a = features[0].float().flatten(1)
+        return (error.pow(2).sum(1) * (a.pow(2).sum(1) + (1.0 if head.bias is not None else 0.0))).sqrt()
+    try:
+        return _batched_eval(model, inputs, targets, batch_size, per_batch)
+    finally:
+        hook.remove()
+
+
+SCORE_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"el2n": el2n_scores, "grand": grand_scores}

@@ -1,0 +1,170 @@
+"""One training run: SGD + Nesterov, an lr schedule per step, a budget rule for subsets, evaluation.
+
+The data stay uint8 on the training device; each batch is normalised (and augmented) there.
+On CUDA the run uses bf16 autocast and channels_last; on CPU it is seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Dataset, batch_indices, normalize, random_crop_flip
+from .errors import UserError
+
+SCHEDULES = ("step", "onecycle", "cosine")
+BUDGETS = ("steps", "epochs")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training hyper-parameters. Defaults are the Data Diet CIFAR recipe (200 epochs, lr 0.1 stepped x0.2)."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # "step" | "onecycle" (linear warm-up, linear decay) | "cosine"
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)  # step: fractions of the run where lr *= gamma
+    gamma: float = 0.2
+    warmup: float = 0.15  # onecycle: fraction of the steps spent rising to lr
+    budget: str = "steps"  # a pruned subset trains for the full data's "steps" or for the same "epochs"
+    augment: bool = True  # random crop + flip (32x32 sets)
+    eval_batch_size: int = 1024
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise UserError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise UserError("batch sizes must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown lr schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.budget not in BUDGETS:
+            raise UserError(f"unknown budget rule {self.budget!r}; choose one of {list(BUDGETS)}")
+        if self.lr <= 0 or not 0 <= self.warmup < 1:
+            raise UserError("lr must be > 0 and warmup in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float  # passes over the training subset
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches per pass; the last incomplete batch is dropped (a batch of one breaks BatchNorm)."""
+    return max(1, num_examples // batch_size)
+
+
+def total_steps(recipe: Recipe, num_subset: int, num_full: int) -> int:
+    """Optimiser steps of a run on ``num_subset`` of ``num_full`` examples under the recipe's budget rule."""
+    reference = num_full if recipe.budget == "steps" else num_subset
+    return recipe.epochs * steps_per_epoch(reference, recipe.batch_size)
+
+
+def lr_factor(recipe: Recipe, step: int, total: int) -> float:
+    """Multiplier of the base lr at ``step`` of ``total`` (the whole schedule, even when stopped early)."""
+    progress = step / max(1, total)
+    if recipe.schedule == "step":
+        return recipe.gamma ** sum(progress >= m for m in recipe.milestones)
+    if recipe.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if progress < recipe.warmup:
+        return (progress + 1 / max(1, total)) / recipe.warmup
+    return max(0.0, (1 - progress) / (1 - recipe.warmup))
+
+
+def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indices: torch.Tensor | None = None,
+          device: torch.device | str = "cpu", stop_epoch: int | None = None, progress: bool = False) -> TrainResult:
+    """Train ``model`` in place on ``dataset.train_images[indices]`` (all when None).
+
+    ``stop_epoch`` ends the run after that many passes while keeping the full run's lr schedule
+    (scoring runs take their model at epoch t of a normal run). Raises :class:`Diverged` on NaN loss.
+    """
+    recipe.validate()
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    indices = torch.arange(dataset.num_train) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+    images = dataset.train_images[indices].to(device)
+    labels = dataset.train_labels[indices].to(device)
+    mean, std = (torch.tensor(v, device=device) for v in (dataset.mean, dataset.std))
+
+    total = total_steps(recipe, len(indices), dataset.num_train)
+    per_epoch = steps_per_epoch(len(indices), recipe.batch_size)
+    last_step = total if stop_epoch is None else min(total, stop_epoch * per_epoch)
+
+    model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, total))
+    generator = torch.Generator().manual_seed(seed)
+    augment = recipe.augment and images.shape[-1] > 8
+
+    result, step, started = TrainResult(steps=0, epochs=0.0), 0, time.perf_counter()
+    bar = tqdm(total=last_step, desc="train", unit="step", disable=not progress, leave=False)
+    while step < last_step:
+        loss_sum = torch.zeros((), device=device)
+        batches = 0
+        for batch in batch_indices(len(indices), recipe.batch_size, generator=generator, drop_last=True):
+            if step >= last_step:
+                break
+            batch = batch.to(device)
+            x = normalize(images[batch], mean, std)
+            if augment:
+                x = random_crop_flip(x, generator)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = F.cross_entropy(model(x), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach()
+            batches += 1
+            step += 1
+            bar.update()
+        epoch_loss = (loss_sum / max(1, batches)).item()
+        if not math.isfinite(epoch_loss):
+            bar.close()
+            raise Diverged(f"training loss became {epoch_loss} at step {step} (seed {seed}, lr {recipe.lr})")
+        result.epoch_losses.append(epoch_loss)
+        result.epochs += batches / per_epoch
+    bar.close()
+    result.steps, result.seconds = step, time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, dataset: Dataset, *, batch_size: int = 1024,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Predicted class of every image (uint8, normalised with the dataset's constants), in order, eval mode."""
+    device = torch.device(device)
+    mean, std = (torch.tensor(v, device=device) for v in (dataset.mean, dataset.std))
+    was_training = model.training
+    model.to(device).eval()
+    predictions = []
+    for batch in batch_indices(len(images), batch_size):
+        x = normalize(images[batch].to(device), mean, std)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            predictions.append(model(x).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)
