@@ -65,8 +65,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset(
         name="cifar10-mini", dataset=f"imagefolder:{SHARED_CIFAR10_ZIP}", model="resnet18",
         model_options={"width": 8}, train_per_class=500,
-        recipe=Recipe(epochs=12, batch_size=128, lr=0.1, schedule="onecycle"),
-        scoring=Scoring(epoch=3, num_runs=2), sparsities=(0.0, 0.3, 0.5, 0.7, 0.9), seeds=(0,),
+        recipe=Recipe(epochs=8, batch_size=128, lr=0.1, schedule="onecycle"),
+        scoring=Scoring(epoch=2, num_runs=4), sparsities=(0.0, 0.3, 0.5, 0.7, 0.9), seeds=(0,),
     ),
 ]}
 
