@@ -114,8 +114,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(format_table(keep_ratio_table(results)))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (and exit status 2), pointing to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Class-wise effects of Data Diet pruning.")
+    parser = OneLineParser(prog=PROG, description="Class-wise effects of Data Diet pruning.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

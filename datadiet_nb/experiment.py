@@ -138,4 +138,4 @@ def train_run(preset: Preset, dataset: Dataset, score: str, sparsity: float, see
         "full_preset": preset.to_dict(),
     }
     store.save_run(key, record, kept)
-    return record
+    return store.load_run(key)  # the stored form (JSON types), identical to what a later call returns

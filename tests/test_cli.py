@@ -1,0 +1,103 @@
+"""The command line: a digits sweep end to end, and one-line errors that change nothing on disk."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datadiet_nb.cli import main
+
+TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1"]
+
+
+def snapshot(*roots: Path) -> dict:
+    """Path -> sha256 of every file under the roots: a change anywhere shows."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_digits_sweep_prints_the_results_tables(tmp_path, capsys):
+    store = tmp_path / "runs"
+    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", *TINY,
+                 "--set", "sparsities=0,0.5,0.9"]) == 0
+    out = capsys.readouterr().out
+    for text in ("accuracy", "class_std", "worst_class", "class keep ratio", "el2n", "grand", "random", "dense"):
+        assert text in out
+    assert len(list((store / "runs").glob("*.json"))) == 7
+    # a second sweep finds everything stored and trains nothing
+    before = snapshot(store)
+    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", *TINY,
+                 "--set", "sparsities=0,0.5,0.9"]) == 0
+    assert snapshot(store) == before
+
+
+def test_prune_writes_kept_indices_and_keep_ratios(tmp_path, capsys):
+    out = tmp_path / "kept.npy"
+    assert main(["prune", "--store", str(tmp_path / "runs"), "--quiet", *TINY, "--score", "grand",
+                 "--sparsity", "0.3", "--out", str(out)]) == 0
+    kept = np.load(out)
+    assert len(kept) == 1006 and np.all(np.diff(kept) > 0)  # round(0.7 * 1437)
+    assert "class keep ratio" in capsys.readouterr().out
+
+
+@pytest.fixture
+def populated(tmp_path):
+    """A store and an output file that a failing command must leave exactly as they were."""
+    store = tmp_path / "runs"
+    (store / "runs").mkdir(parents=True)
+    (store / "runs" / "0123456789abcdef.json").write_text('{"sentinel": true}\n')
+    out = tmp_path / "kept.npy"
+    np.save(out, np.arange(5))
+    bad_scores = tmp_path / "scores.npy"
+    np.save(bad_scores, np.ones(10))
+    return tmp_path, store, out, bad_scores
+
+
+BAD_INPUTS = {
+    "unknown preset": (["train", "--preset", "imagenet", "--sparsity", "0.5"], "unknown preset"),
+    "unknown dataset": (["train", "--set", "dataset=mnist", "--sparsity", "0.5"], "unknown dataset"),
+    "unknown model": (["train", "--set", "model=vgg16", "--sparsity", "0.5"], "unknown model"),
+    "unknown score": (["train", "--score", "forgetting", "--sparsity", "0.5"], "invalid choice"),
+    "sparsity 1": (["train", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    "negative sparsity": (["prune", "--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+    "offset too large": (["prune", "--sparsity", "0.2", "--offset", "0.3"], "exceeds 1"),
+    "K < 1": (["score", "--set", "scoring.num_runs=0"], "K must be >= 1"),
+    "negative epochs": (["train", "--set", "recipe.epochs=-3", "--sparsity", "0.5"], "epochs must be >= 0"),
+    "wrong type": (["score", "--set", "recipe.epochs=many"], "expected int"),
+    "unknown key": (["score", "--set", "recipe.epoch=5"], "unknown preset key"),
+    "scores length": (["prune", "--sparsity", "0.5", "--scores", "{bad_scores}"], "training examples"),
+    "out exists": (["prune", "--sparsity", "0.5", "--out", "{out}"], "exists"),
+}
+
+
+def run_cli(argv: list[str]) -> int:
+    """Exit status of the command, whether argparse exits or main returns."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_changes_nothing(case, populated, capsys):
+    tmp_path, store, out, bad_scores = populated
+    argv, expected = BAD_INPUTS[case]
+    argv = [a.format(out=out, bad_scores=bad_scores) for a in argv]
+    before = snapshot(tmp_path)
+    assert run_cli([*argv, "--store", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+def test_the_installed_command_reports_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "datadiet_nb.cli", "train", "--preset", "nope",
+                             "--sparsity", "0.5", "--store", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("datadiet-nb: error: unknown preset 'nope'; choose one of "
+                                     "['cifar10-mini', 'cifar10-resnet18', 'cifar100-resnet50', 'digits']")
+    assert not any(tmp_path.iterdir())

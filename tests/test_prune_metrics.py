@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from datadiet_nb.errors import UserError
+from datadiet_nb.metrics import bias_measures, class_accuracy, overall_accuracy
+from datadiet_nb.prune import class_keep_ratio, num_kept, random_indices, select_indices
+
+
+def test_select_keeps_round_count_of_highest_scores():
+    rng = np.random.default_rng(0)
+    scores = rng.random(1000)
+    for sparsity in (0.0, 0.1, 0.25, 0.5, 0.9, 0.999):
+        kept = select_indices(scores, sparsity)
+        assert len(kept) == round((1 - sparsity) * 1000)
+        assert kept.dtype == np.int64 and np.all(np.diff(kept) > 0)
+        if len(kept) < 1000:
+            dropped = np.setdiff1d(np.arange(1000), kept)
+            assert scores[kept].min() > scores[dropped].max()
+
+
+def test_select_by_hand():
+    scores = np.array([0.1, 0.9, 0.5, 0.7, 0.3])
+    assert select_indices(scores, 0.6).tolist() == [1, 3]  # keep 2: the two highest
+    assert select_indices(scores, 0.6, offset=0.2).tolist() == [2, 3]  # skip the top 1 (index 1)
+    assert select_indices(scores, 0.4, offset=0.4).tolist() == [0, 2, 4]
+
+
+def test_ties_are_broken_by_index():
+    scores = np.array([1.0, 2.0, 2.0, 2.0, 1.0])
+    assert select_indices(scores, 0.6).tolist() == [1, 2]
+    assert select_indices(scores, 0.2).tolist() == [0, 1, 2, 3]
+    assert select_indices(np.zeros(6), 0.5).tolist() == [0, 1, 2]
+
+
+def test_num_kept_rounds_half_up_and_survives_float_error():
+    assert num_kept(1000, 0.9) == 100  # (1 - 0.9) * 1000 = 99.99999999999999
+    assert num_kept(5, 0.5) == 3
+    assert num_kept(10, 0.0) == 10
+
+
+@pytest.mark.parametrize("sparsity, offset", [(-0.1, 0.0), (1.0, 0.0), (1.5, 0.0), (0.2, 0.3), (0.5, 0.6)])
+def test_bad_sparsity_or_offset(sparsity, offset):
+    with pytest.raises(UserError):
+        select_indices(np.arange(10.0), sparsity, offset=offset)
+
+
+def test_nan_scores_are_refused():
+    with pytest.raises(UserError, match="NaN"):
+        select_indices(np.array([0.1, np.nan, 0.3]), 0.5)
+
+
+def test_random_baseline_is_seeded_uniform_and_unbalanced():
+    a, b, c = (random_indices(1000, 0.7, seed=s) for s in (1, 1, 2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(a) == 300 and len(np.unique(a)) == 300 and np.all(np.diff(a) > 0)
+
+
+def test_class_keep_ratio_by_hand():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    kept = np.array([0, 1, 4, 5, 6])
+    np.testing.assert_allclose(class_keep_ratio(labels, kept, 4)[:3], [0.5, 1.0, 0.5])
+    assert np.isnan(class_keep_ratio(labels, kept, 4)[3])  # a class with no examples
+
+
+def test_class_accuracy_and_bias_by_hand():
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    predictions = np.array([0, 1, 1, 1, 0, 2, 2, 2, 2, 0])
+    acc = class_accuracy(predictions, labels, 3)
+    np.testing.assert_allclose(acc, [0.5, 2 / 3, 0.8])
+    assert overall_accuracy(predictions, labels) == pytest.approx(0.7)
+    bias = bias_measures(acc)
+    assert bias["std"] == pytest.approx(np.std([0.5, 2 / 3, 0.8]))
+    assert (bias["worst"], bias["best"]) == (0.5, 0.8)
+    assert bias["gap"] == pytest.approx(0.3)

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datadiet_nb import models
+from datadiet_nb.scores import el2n_scores, grand_last_layer_scores, grand_scores
+
+
+def _with_nontrivial_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model
+
+
+def reference_grand(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example autograd loop: the full gradient of each example's own loss, all parameters, float64 sum."""
+    model.eval()
+    norms = []
+    for x, y in zip(inputs, targets):
+        model.zero_grad()
+        F.cross_entropy(model(x[None]), y[None]).backward()
+        norms.append(sum(p.grad.double().pow(2).sum() for p in model.parameters()).sqrt())
+    return torch.stack(norms)
+
+
+def test_el2n_matches_hand_computation():
+    model = nn.Linear(3, 4, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 1.0]]))
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 0.5]])
+    y = torch.tensor([2, 1])
+    expected = []
+    for xi, yi in zip(x.tolist(), y.tolist()):
+        logits = [xi[0], xi[1], xi[2], sum(xi)]
+        exps = [np.exp(v) for v in logits]
+        probs = [e / sum(exps) for e in exps]
+        expected.append(np.sqrt(sum((p - (k == yi)) ** 2 for k, p in enumerate(probs))))
+    scores = el2n_scores(model, x, y)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-6)
+    # uniform prediction over 4 classes: sqrt(3 * 1/16 + (3/4)^2) = sqrt(0.75), the L2 norm, not squared
+    assert scores[0].item() == pytest.approx(np.sqrt(0.75), rel=1e-6)
+
+
+def test_grand_equals_per_example_autograd_on_conv_net_with_batchnorm():
+    torch.manual_seed(0)
+    model = _with_nontrivial_batchnorm(models.build("smallcnn", num_classes=5, in_channels=2, width=6))
+    inputs, targets = torch.randn(13, 2, 8, 8), torch.randint(0, 5, (13,))
+    expected = reference_grand(model, inputs, targets)
+    model.train()  # grand_scores must switch to eval mode itself, and switch back
+    for batch_size in (1, 4, 256):  # no dropped last batch, whatever the batch size
+        got = grand_scores(model, inputs, targets, batch_size=batch_size)
+        assert got.shape == (13,)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=0)
+    assert model.training
+
+
+def test_grand_covers_every_parameter():
+    """A score that ignored the convolutions (last-layer GraNd) would differ from the full one."""
+    torch.manual_seed(1)
+    model = _with_nontrivial_batchnorm(models.build("resnet18", num_classes=3, width=4))
+    inputs, targets = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    full = grand_scores(model, inputs, targets, batch_size=3).double()
+    torch.testing.assert_close(full, reference_grand(model, inputs, targets), rtol=1e-4, atol=0)
+    last = grand_last_layer_scores(model, inputs, targets).double()
+    assert torch.all(last < full)
+
+
+def test_grand_last_layer_matches_autograd_of_the_head():
+    torch.manual_seed(2)
+    model = _with_nontrivial_batchnorm(models.build("smallcnn", num_classes=4, in_channels=1, width=4)).eval()
+    head = model[-1]
+    inputs, targets = torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,))
+    expected = []
+    for x, y in zip(inputs, targets):
+        model.zero_grad()
+        F.cross_entropy(model(x[None]), y[None]).backward()
+        expected.append((head.weight.grad.pow(2).sum() + head.bias.grad.pow(2).sum()).sqrt())
+    torch.testing.assert_close(grand_last_layer_scores(model, inputs, targets, batch_size=2),
+                               torch.stack(expected), rtol=1e-4, atol=1e-7)
+
+
+def test_scores_are_in_input_order():
+    torch.manual_seed(3)
+    model = models.build("smallcnn", num_classes=3, in_channels=1, width=4)
+    inputs, targets = torch.randn(9, 1, 8, 8), torch.randint(0, 3, (9,))
+    perm = torch.randperm(9)
+    for fn in (el2n_scores, grand_scores):
+        torch.testing.assert_close(fn(model, inputs, targets)[perm], fn(model, inputs[perm], targets[perm]))

@@ -1,0 +1,75 @@
+"""Scoring, pruning and training runs through the store: caching, keys, records, results table."""
+
+import numpy as np
+import pytest
+
+from datadiet_nb import experiment, presets
+from datadiet_nb.experiment import compute_scores, load_dataset, train_run
+from datadiet_nb.prune import num_kept
+from datadiet_nb.results import keep_ratio_table, load_results, summarize
+from datadiet_nb.store import Store
+from datadiet_nb.sweep import plan, run_sweep
+
+
+def test_scores_are_cached_and_a_changed_config_makes_a_new_key(tiny_digits, tmp_path, monkeypatch):
+    store = Store(tmp_path / "runs")
+    ds = load_dataset(tiny_digits)
+    first = compute_scores(tiny_digits, ds, store)
+    assert first["el2n"].shape == (ds.num_train,) and first["grand_runs"].shape == (1, ds.num_train)
+    assert np.all(first["el2n"] >= 0) and np.all(first["el2n"] <= np.sqrt(2))
+    calls = []
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: calls.append(1))
+    again = compute_scores(tiny_digits, ds, store)
+    assert calls == [] and np.array_equal(again["grand"], first["grand"])
+    changed = presets.with_overrides(tiny_digits, ["scoring.epoch=0"])  # t=0: scores at initialisation
+    at_init = compute_scores(changed, ds, store)
+    assert calls == [] and not np.array_equal(at_init["el2n"], first["el2n"])
+    assert len(list((tmp_path / "runs" / "scores").glob("*.npz"))) == 2
+
+
+def test_scores_average_over_runs(tiny_digits, tmp_path):
+    preset = presets.with_overrides(tiny_digits, ["scoring.num_runs=2"])
+    scores = compute_scores(preset, load_dataset(preset), Store(tmp_path))
+    np.testing.assert_allclose(scores["el2n"], scores["el2n_runs"].mean(0))
+    assert not np.array_equal(scores["el2n_runs"][0], scores["el2n_runs"][1])
+
+
+def test_a_training_run_writes_a_complete_record_and_is_not_redone(tiny_digits, tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    ds = load_dataset(tiny_digits)
+    record = train_run(tiny_digits, ds, "el2n", 0.5, 0, store)
+    kept = store.load_kept(record["key"])
+    assert len(kept) == record["num_kept"] == num_kept(ds.num_train, 0.5) == 719  # 718.5 rounds half up
+    assert len(record["predictions"]) == len(ds.test_labels) and len(record["class_accuracy"]) == 10
+    for field in ("recipe", "scoring_seeds", "scores_key", "provenance", "full_preset", "train", "seconds"):
+        assert field in record or field == "scoring_seeds"
+    assert record["provenance"]["torch"] and "git_commit" in record["provenance"]
+    np.testing.assert_allclose(np.mean(np.array(record["predictions"]) == ds.test_labels.numpy()),
+                               record["overall_accuracy"])
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: pytest.fail("a stored run was retrained"))
+    assert train_run(tiny_digits, ds, "el2n", 0.5, 0, store) == record
+
+
+def test_plan_shares_the_dense_run_across_scores(tiny_digits):
+    preset = presets.with_overrides(tiny_digits, ["seeds=0,1"])
+    specs = plan(preset)
+    assert [s.score for s in specs].count("dense") == 2
+    assert len(specs) == 2 + 3 * 2
+
+
+def test_sweep_results_table(tiny_digits, tmp_path):
+    store = Store(tmp_path)
+    records = run_sweep(tiny_digits, store, progress=False)
+    assert len(records) == 4
+    df = load_results(store)
+    assert len(df) == 4 * 10
+    for column in ("preset", "dataset", "model", "score", "sparsity", "offset", "seed", "class",
+                   "class_accuracy", "keep_ratio", "overall_accuracy"):
+        assert column in df.columns
+    summary = summarize(df)
+    assert set(summary["score"]) == {"dense", "el2n", "grand", "random"}
+    dense = df[df.score == "dense"]
+    assert np.isclose(summary.loc[summary.score == "dense", "class_std"].item(), dense["class_accuracy"].std(ddof=0))
+    ratios = keep_ratio_table(df)
+    assert ratios.loc[("dense", 0.0)].eq(1.0).all()
+    np.testing.assert_allclose(ratios.loc[("random", 0.5)].mean(), 0.5, atol=0.05)

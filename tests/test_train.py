@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from datadiet_nb import data, models, presets
+from datadiet_nb.experiment import load_dataset, seeded_model
+from datadiet_nb.train import Diverged, Recipe, lr_factor, predict, steps_per_epoch, total_steps, train
+
+
+def test_step_schedule_follows_milestones():
+    recipe = Recipe(epochs=200, schedule="step")
+    total = 200 * 390
+    assert lr_factor(recipe, 0, total) == 1.0
+    assert lr_factor(recipe, 60 * 390 - 1, total) == 1.0
+    assert lr_factor(recipe, 60 * 390, total) == pytest.approx(0.2)
+    assert lr_factor(recipe, 160 * 390, total) == pytest.approx(0.2 ** 3)
+
+
+def test_onecycle_and_cosine_shapes():
+    onecycle, cosine = Recipe(schedule="onecycle", warmup=0.25), Recipe(schedule="cosine")
+    factors = [lr_factor(onecycle, s, 100) for s in range(100)]
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == 24
+    assert factors[0] < 0.1 and factors[-1] < 0.02
+    assert lr_factor(cosine, 0, 100) == 1.0 and lr_factor(cosine, 50, 100) == pytest.approx(0.5)
+
+
+def test_budget_rule_keeps_steps_or_epochs():
+    steps = Recipe(epochs=10, batch_size=100, budget="steps")
+    epochs = Recipe(epochs=10, batch_size=100, budget="epochs")
+    assert total_steps(steps, 500, 1000) == 100 == total_steps(steps, 1000, 1000)
+    assert total_steps(epochs, 500, 1000) == 50
+    assert steps_per_epoch(50, 100) == 1  # a subset smaller than a batch still trains
+
+
+def test_step_budget_trains_the_same_number_of_steps_on_a_subset():
+    ds = data.load("digits")
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, augment=False)
+    model = models.build("smallcnn", num_classes=10, in_channels=1, width=4)
+    result = train(model, ds, recipe, seed=0, indices=torch.arange(300))
+    assert result.steps == ds.num_train // 64
+    assert result.epochs == pytest.approx(result.steps / (300 // 64))
+
+
+def test_cpu_training_is_deterministic_for_a_seed():
+    preset = presets.with_overrides(presets.get("digits"), ["recipe.epochs=1"])
+    ds = load_dataset(preset)
+    weights = []
+    for seed in (0, 0, 1):
+        model = seeded_model(preset, ds, seed)
+        train(model, ds, preset.recipe, seed=seed)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_digits_trains_to_at_least_90_percent():
+    preset = presets.get("digits")
+    ds = load_dataset(preset)
+    model = seeded_model(preset, ds, 0)
+    train(model, ds, preset.recipe, seed=0)
+    predictions = predict(model, ds.test_images, ds)
+    assert predictions.shape == ds.test_labels.shape  # a prediction for every test example, in order
+    assert (predictions == ds.test_labels).float().mean().item() >= 0.90
+
+
+def test_stop_epoch_keeps_the_full_schedule():
+    ds = data.load("digits")
+    recipe = Recipe(epochs=10, batch_size=64, lr=0.05, augment=False)
+    model = models.build("smallcnn", num_classes=10, in_channels=1, width=4)
+    result = train(model, ds, recipe, seed=0, stop_epoch=2)
+    assert result.steps == 2 * steps_per_epoch(ds.num_train, 64) and len(result.epoch_losses) == 2
+
+
+def test_nan_loss_stops_the_run_with_a_clear_message():
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1)) * math.nan
+
+    ds = data.load("digits")
+    with pytest.raises(Diverged, match="nan"):
+        train(Exploding(), ds, Recipe(epochs=1, batch_size=64, augment=False), seed=0)
