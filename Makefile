@@ -16,12 +16,15 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PINS) || $(BIN)/pip install --quiet torch torchvision
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
 install: $(VENV)/.installed
 
 report: install
 	$(BIN)/datadiet-nb sweep --preset $(PRESET) --store $(STORE)
+	$(BIN)/jupyter-book build . --quiet
+	@echo "report: $(CURDIR)/_build/html/index.html"
 
 test: install
 	$(BIN)/python -m pytest

@@ -100,12 +100,16 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import time
 
     from .results import format_table, keep_ratio_table, load_results, summarize
-    from .sweep import run_sweep
+    from .sweep import run_sweep, run_sweep_notebooks
 
     preset = _preset(args)
     store = _store(args)
     started = time.perf_counter()
-    records = run_sweep(preset, store, progress=not args.quiet)
+    if args.executor == "inline":
+        records = run_sweep(preset, store, progress=not args.quiet)
+    else:
+        records = run_sweep_notebooks(preset, list(args.set or []), store, Path(args.book_runs),
+                                      progress=not args.quiet)
     results = load_results(store)
     results = results[results["key"].isin({r["key"] for r in records})]
     print(f"\n{preset.name}: {len(records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
@@ -150,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--scores", help="a .npy file of your own scores, one per training example")
             sub.add_argument("--out", help="write the kept indices (.npy) here")
             sub.add_argument("--force", action="store_true", help="replace an existing --out file")
-    command("sweep", cmd_sweep, "run every (score, sparsity, seed) of a preset and print the results tables")
+    sweep = command("sweep", cmd_sweep, "run every (score, sparsity, seed) of a preset and print the results tables")
+    sweep.add_argument("--executor", choices=("notebooks", "inline"), default="notebooks",
+                       help="execute the parameterised notebooks with papermill (default), or call the package directly")
+    sweep.add_argument("--book-runs", default="book/runs", help="where executed notebooks go (default: book/runs)")
     return parser
 
 

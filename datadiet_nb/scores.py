@@ -116,4 +116,19 @@ def grand_last_layer_scores(model: nn.Module, inputs: torch.Tensor, targets: tor
         hook.remove()
 
 
+def rank_agreement(scores: dict[str, "np.ndarray"]) -> dict[str, float]:
+    """Spearman rank correlations: EL2N vs GraNd (means over runs), and the mean between pairs of runs."""
+    import itertools
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    agreement = {"el2n_vs_grand": float(spearmanr(scores["el2n"], scores["grand"]).statistic)}
+    for name in SCORES:
+        runs = scores[f"{name}_runs"]
+        pairs = [spearmanr(a, b).statistic for a, b in itertools.combinations(runs, 2)]
+        agreement[f"{name}_across_runs"] = float(np.mean(pairs)) if pairs else float("nan")
+    return agreement
+
+
 SCORE_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"el2n": el2n_scores, "grand": grand_scores}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .experiment import DENSE, compute_scores, load_dataset, run_config, train_run
+from .experiment import DENSE, compute_scores, load_dataset, run_config, scores_config, train_run
 from .presets import Preset
 from .store import Store, config_key
 
@@ -40,3 +42,50 @@ def run_sweep(preset: Preset, store: Store, *, progress: bool = True) -> list[di
         bar.set_postfix_str(f"{spec.score} s={spec.sparsity:g} seed={spec.seed}" + (" (stored)" if done else ""))
         records.append(train_run(preset, dataset, spec.score, spec.sparsity, spec.seed, store))
     return records
+
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL = "python3"
+
+
+def execute_notebook(name: str, output: Path, parameters: dict) -> None:
+    """Run ``notebooks/<name>.ipynb`` with papermill; the executed copy appears at ``output`` only when done."""
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.parent / f".{output.stem}.partial.ipynb"
+    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
+                               kernel_name=KERNEL, progress_bar=False, cwd=os.getcwd())
+    os.replace(partial, output)
+
+
+def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book_runs: Path,
+                        *, progress: bool = True) -> list[dict]:
+    """The sweep as executed notebooks under ``book_runs/<preset>/``: scores, one per run, then analysis.
+
+    A run whose record and executed notebook both exist is skipped, so a rerun does only what is missing.
+    """
+    dataset = load_dataset(preset)
+    folder = Path(book_runs) / preset.name
+    common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
+    steps: list[tuple[str, Path, dict, bool]] = []
+    if any(s in ("el2n", "grand") for s in preset.scores):
+        path = folder / "scores.ipynb"
+        done = path.is_file() and store.load_scores(config_key(scores_config(preset, dataset))) is not None
+        steps.append(("scores", path, common, done))
+    keys = []
+    for spec in plan(preset):
+        key = config_key(run_config(preset, dataset, spec.score, spec.sparsity, spec.seed))
+        keys.append(key)
+        path = folder / "train" / f"{spec.score}-s{spec.sparsity:g}-seed{spec.seed}.ipynb"
+        steps.append(("train_sparse", path, {**common, "score": spec.score, "sparsity": spec.sparsity,
+                                             "seed": spec.seed}, path.is_file() and store.has_run(key)))
+    steps.append(("analysis", folder / "analysis.ipynb", {**common, "figures": str((folder / "figures").resolve())},
+                  False))
+    steps.append(("reproducibility", Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]}, False))
+    bar = tqdm(steps, desc=f"sweep {preset.name}", unit="notebook", disable=not progress)
+    for name, path, parameters, done in bar:
+        bar.set_postfix_str(f"{path.relative_to(book_runs)}" + (" (done)" if done else ""))
+        if not done:
+            execute_notebook(name, path, parameters)
+    return [store.load_run(key) for key in keys]

@@ -21,7 +21,7 @@ def snapshot(*roots: Path) -> dict:
 
 def test_digits_sweep_prints_the_results_tables(tmp_path, capsys):
     store = tmp_path / "runs"
-    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", *TINY,
+    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", "--executor", "inline", *TINY,
                  "--set", "sparsities=0,0.5,0.9"]) == 0
     out = capsys.readouterr().out
     for text in ("accuracy", "class_std", "worst_class", "class keep ratio", "el2n", "grand", "random", "dense"):
@@ -29,7 +29,7 @@ def test_digits_sweep_prints_the_results_tables(tmp_path, capsys):
     assert len(list((store / "runs").glob("*.json"))) == 7
     # a second sweep finds everything stored and trains nothing
     before = snapshot(store)
-    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", *TINY,
+    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", "--executor", "inline", *TINY,
                  "--set", "sparsities=0,0.5,0.9"]) == 0
     assert snapshot(store) == before
 
