@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import CODE_VERSION, data, models
 from .data import Dataset

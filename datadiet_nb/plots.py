@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are saved or glued, never shown in a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
 DENSE = "dense"
 SCORE_LABELS = {"el2n": "EL2N", "grand": "GraNd", "random": "Random", DENSE: "Dense"}

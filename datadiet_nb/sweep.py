@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .experiment import DENSE, compute_scores, load_dataset, run_config, scores_config, train_run
 from .presets import Preset
