@@ -110,8 +110,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     else:
         records = run_sweep_notebooks(preset, list(args.set or []), store, Path(args.book_runs),
                                       progress=not args.quiet)
-    results = load_results(store)
-    results = results[results["key"].isin({r["key"] for r in records})]
+    results = load_results(store, keys=[r["key"] for r in records])
     print(f"\n{preset.name}: {len(records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
     print(format_table(summarize(results)))
     print("\nclass keep ratio:")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .presets import Preset
-from .results import keep_ratio_table, summarize
+from .results import summarize
 from .store import Store
 
 DENSE = "dense"
@@ -17,13 +17,6 @@ class GlueText(str):
 
     def __repr__(self) -> str:
         return str(self)
-
-
-def preset_results(results: pd.DataFrame, preset: Preset) -> pd.DataFrame:
-    """The rows of ``load_results`` that belong to this preset's grid (its scores, sparsities, seeds)."""
-    mask = ((results["preset"] == preset.name) & results["seed"].isin(preset.seeds)
-            & results["sparsity"].isin(preset.sparsities) & results["score"].isin([DENSE, *preset.scores]))
-    return results[mask].reset_index(drop=True)
 
 
 def pruning_scores(results: pd.DataFrame) -> list[str]:
@@ -93,9 +86,6 @@ def provenance_table(results: pd.DataFrame, store: str | Store) -> pd.DataFrame:
     group = ["datadiet_nb", "torch", "cuda", "device", "git commit"]
     return frame.groupby(group).agg(runs=("seconds", "size"), total_seconds=("seconds", "sum")).round(1)
 
-
-__all__ = ["environment_table", "recipe_table", "headline_numbers", "keep_ratio_table", "stage_times", "preset_results", "provenance_table", "pruning_scores",
-           "run_table", "summary_table"]
 
 
 def stage_times(store: str | Store) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -12,12 +13,15 @@ from .store import Store
 CONFIG_COLUMNS = ["preset", "dataset", "model", "score", "sparsity", "offset", "seed"]
 
 
-def load_results(store: str | os.PathLike | Store) -> pd.DataFrame:
+def load_results(store: str | os.PathLike | Store, keys: Iterable[str] | None = None) -> pd.DataFrame:
     """One row per (run, class): the run's config columns, ``class``, ``class_accuracy``, ``keep_ratio``,
-    ``overall_accuracy``, plus ``class_index``, ``class_std`` (std of the run's class accuracies) and ``key``."""
+    ``overall_accuracy``, plus ``class_index``, ``class_std`` (std of the run's class accuracies) and ``key``.
+
+    ``keys`` restricts the table to those runs (e.g. the records a sweep returned)."""
     store = store if isinstance(store, Store) else Store(store)
+    records = store.records() if keys is None else (store.load_run(k) for k in dict.fromkeys(keys))
     rows = []
-    for record in store.records():
+    for record in records:
         run = {"preset": record["preset"], "dataset": record["dataset"]["name"], "model": record["model"],
                "score": record["score"], "sparsity": record["sparsity"], "offset": record["offset"],
                "seed": record["seed"], "overall_accuracy": record["overall_accuracy"],

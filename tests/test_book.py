@@ -1,0 +1,140 @@
+"""The main job end to end on a tiny digits sweep: notebooks run by papermill, the Jupyter Book built,
+every figure and glued number in the HTML, a browser that loads the images, and a rerun that trains nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datadiet_nb import report
+from datadiet_nb.results import load_results
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=2", "--set", "scoring.epoch=1",
+        "--set", "sparsities=0,0.5"]
+FIGURES = ["accuracy", "class_accuracy_el2n", "best_worst", "class_std", "keep_ratio"]
+
+
+def sweep(root: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits", "--store", "runs",
+               "--quiet", *TINY]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
+
+
+def fingerprint(paths) -> dict:
+    return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths}
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory) -> Path:
+    """A copy of the book sources in a temporary folder, swept and built there."""
+    root = tmp_path_factory.mktemp("report")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("runs", "_build"))
+    result = sweep(root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    build = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", ".", "--warningiserror",
+                            "--keep-going"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
+    return root
+
+
+def text_of(page: Path) -> str:
+    content = re.sub(r"<[^>]+>", " ", page.read_text())
+    return re.sub(r"\s+", " ", html.unescape(content))
+
+
+def test_the_sweep_wrote_every_notebook_without_errors(book):
+    runs = book / "book" / "runs"
+    executed = sorted(runs.rglob("*.ipynb"))
+    names = {p.relative_to(runs).as_posix() for p in executed}
+    assert {"digits/scores.ipynb", "digits/analysis.ipynb", "reproducibility.ipynb",
+            "digits/train/dense-s0-seed0.ipynb", "digits/train/el2n-s0.5-seed0.ipynb",
+            "digits/train/grand-s0.5-seed0.ipynb", "digits/train/random-s0.5-seed0.ipynb"} == names
+    for path in executed:
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                assert output["output_type"] != "error", path
+                assert not (output["output_type"] == "stream" and output["name"] == "stderr"), (path, output)
+
+
+def test_results_page_has_every_figure_table_and_glued_number(book):
+    page = book / "_build" / "html" / "book" / "runs" / "digits" / "analysis.html"
+    source = page.read_text()
+    images = re.findall(r'<img[^>]+src="([^"]+)"', source)
+    assert len(images) >= len(FIGURES)
+    for src in images:
+        assert (page.parent / src).resolve().is_file(), src
+    for name in FIGURES:
+        for suffix in (".png", ".svg"):
+            assert (book / "book" / "runs" / "digits" / "figures" / f"{name}{suffix}").stat().st_size > 1000
+    text = text_of(page)
+    # every quoted number, recomputed here from the stored records, is on the page
+    results = load_results(book / "runs")
+    for key, value in report.headline_numbers(results).items():
+        if key in ("dense_accuracy", "dense_class_std", "dense_worst_class", "el2n_accuracy_50",
+                   "el2n_class_std_50", "el2n_top_keep_classes"):
+            assert str(value) in text, key
+    assert "worst_class" in text and "class_std" in text  # the summary table
+    assert "Test accuracy against data sparsity" in text
+
+
+def test_book_has_method_appendix_and_reproducibility(book):
+    html_dir = book / "_build" / "html"
+    assert "GraNd" in text_of(html_dir / "book" / "method.html")
+    repro = text_of(html_dir / "book" / "runs" / "reproducibility.html")
+    assert "torch" in repro and "scoring" in repro and "training" in repro
+    assert (html_dir / "book" / "runs" / "digits" / "train" / "el2n-s0.5-seed0.html").is_file()
+
+
+def test_rerunning_the_sweep_trains_nothing(book):
+    watched = sorted((book / "runs").rglob("*")) + sorted((book / "book" / "runs" / "digits" / "train").glob("*"))
+    watched += [book / "book" / "runs" / "digits" / "scores.ipynb"]
+    before = fingerprint(p for p in watched if p.is_file())
+    result = sweep(book)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert fingerprint(p for p in watched if p.is_file()) == before
+
+
+def _browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium and chromium-driver (see .ci/run)")
+        pytest.skip("chromium / chromedriver not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--window-size=1280,2000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_browser_renders_the_index_and_loads_the_figures(book, tmp_path):
+    browser = _browser()
+    try:
+        html_dir = book / "_build" / "html"
+        browser.get((html_dir / "index.html").as_uri())
+        assert "data diet" in browser.title.lower()
+        browser.save_screenshot(str(tmp_path / "index.png"))
+        browser.get((html_dir / "book" / "runs" / "digits" / "analysis.html").as_uri())
+        widths = browser.execute_script(
+            "return Array.from(document.querySelectorAll('main img')).map(i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) >= len(FIGURES) and all(w > 0 for w in widths), widths
+        browser.save_screenshot(str(tmp_path / "results.png"))
+        assert (tmp_path / "results.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
