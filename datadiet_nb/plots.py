@@ -44,24 +44,24 @@ def _score_lines(ax, runs: pd.DataFrame, value: str) -> None:
     ax.set_xlabel("Data sparsity (fraction of training data removed)")
 
 
-def accuracy_vs_sparsity(results: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Overall test accuracy against sparsity, one line per score (paper Figs 1-2)."""
+def _per_score_figure(results: pd.DataFrame, value: str, ylabel: str, title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    _score_lines(ax, per_run(results), "overall_accuracy")
-    ax.set_ylabel("Test accuracy")
-    ax.set_title(title or "Test accuracy vs data sparsity")
+    _score_lines(ax, per_run(results), value)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def accuracy_vs_sparsity(results: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Overall test accuracy against sparsity, one line per score (paper Figs 1-2)."""
+    return _per_score_figure(results, "overall_accuracy", "Test accuracy", title or "Test accuracy vs data sparsity")
 
 
 def class_std_vs_sparsity(results: pd.DataFrame, title: str = "") -> plt.Figure:
     """Standard deviation of the per-class test accuracies against sparsity (paper Fig 5)."""
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    _score_lines(ax, per_run(results), "class_std")
-    ax.set_ylabel("Std of class-wise test accuracy")
-    ax.set_title(title or "Spread of class accuracies vs data sparsity")
-    fig.tight_layout()
-    return fig
+    return _per_score_figure(results, "class_std", "Std of class-wise test accuracy",
+                             title or "Spread of class accuracies vs data sparsity")
 
 
 def _class_lines(ax, frame: pd.DataFrame, value: str, classes: list[str]) -> None:
@@ -78,14 +78,19 @@ def _class_order(results: pd.DataFrame) -> list[str]:
     return list(results.drop_duplicates("class").sort_values("class_index")["class"])
 
 
-def class_accuracy_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: str = "") -> plt.Figure:
-    """Test accuracy of each class against sparsity for one score, one line per class (paper Fig 3)."""
+def _per_class_figure(results: pd.DataFrame, score: str, value: str, ylabel: str, title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    _class_lines(ax, with_dense_start(results).query("score == @score"), "class_accuracy", _class_order(results))
-    ax.set_ylabel("Class test accuracy")
-    ax.set_title(title or f"Class-wise test accuracy, {SCORE_LABELS[score]} pruning")
+    _class_lines(ax, with_dense_start(results).query("score == @score"), value, _class_order(results))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def class_accuracy_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: str = "") -> plt.Figure:
+    """Test accuracy of each class against sparsity for one score, one line per class (paper Fig 3)."""
+    return _per_class_figure(results, score, "class_accuracy", "Class test accuracy",
+                             title or f"Class-wise test accuracy, {SCORE_LABELS[score]} pruning")
 
 
 def best_worst_classes(results: pd.DataFrame, score: str = "el2n", n: int = 10, title: str = "") -> plt.Figure:
@@ -106,12 +111,8 @@ def best_worst_classes(results: pd.DataFrame, score: str = "el2n", n: int = 10, 
 
 def keep_ratio_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: str = "") -> plt.Figure:
     """Class-wise data keep ratio against sparsity for one score, one line per class (paper Fig 6)."""
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    _class_lines(ax, with_dense_start(results).query("score == @score"), "keep_ratio", _class_order(results))
-    ax.set_ylabel("Class keep ratio")
-    ax.set_title(title or f"Class-wise data keep ratio, {SCORE_LABELS[score]} pruning")
-    fig.tight_layout()
-    return fig
+    return _per_class_figure(results, score, "keep_ratio", "Class keep ratio",
+                             title or f"Class-wise data keep ratio, {SCORE_LABELS[score]} pruning")
 
 
 def save(fig: plt.Figure, path_stem: str | Path) -> list[Path]:

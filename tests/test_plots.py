@@ -1,0 +1,52 @@
+"""The figure functions on a hand-made results table: the right lines, classes and reference."""
+
+import matplotlib
+import numpy as np
+import pandas as pd
+
+from datadiet_nb import plots, report
+
+matplotlib.use("Agg")
+
+
+def fake_results(classes=("cat", "dog", "ship"), seeds=(0, 1)) -> pd.DataFrame:
+    rows = []
+    for seed in seeds:
+        for score, sparsity in [("dense", 0.0)] + [(s, p) for s in ("el2n", "grand", "random") for p in (0.5, 0.9)]:
+            accs = np.array([0.6, 0.7, 0.95]) - (sparsity / 10 if score != "random" else 0.0)
+            for i, name in enumerate(classes):
+                rows.append({"preset": "toy", "dataset": "toy", "model": "m", "score": score, "sparsity": sparsity,
+                             "offset": 0.0, "seed": seed, "class": name, "class_index": i,
+                             "class_accuracy": accs[i], "keep_ratio": 1.0 if score == "dense" else 1 - sparsity + 0.1 * (i == 0),
+                             "overall_accuracy": accs.mean(), "class_std": accs.std(),
+                             "key": f"{score}-{sparsity}-{seed}"})
+    return pd.DataFrame(rows)
+
+
+def test_accuracy_figure_has_one_line_per_score_and_a_dense_reference():
+    fig = plots.accuracy_vs_sparsity(fake_results())
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["EL2N", "GraNd", "Random", "Dense"]
+    dense_line = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"][0]
+    assert np.allclose(dense_line.get_ydata(), np.mean([0.6, 0.7, 0.95]))
+
+
+def test_class_figures_name_every_class():
+    results = fake_results()
+    for fig in (plots.class_accuracy_vs_sparsity(results, "el2n"), plots.keep_ratio_vs_sparsity(results, "grand")):
+        assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["cat", "dog", "ship"]
+    fig = plots.best_worst_classes(results, "el2n", n=10)
+    assert len(fig.axes) == 2 and "1 best" in fig.axes[0].get_title()
+
+
+def test_headline_numbers_come_from_the_table():
+    numbers = report.headline_numbers(fake_results())
+    assert numbers["dense_accuracy"] == f"{100 * np.mean([0.6, 0.7, 0.95]):.1f} %"
+    assert numbers["dense_worst_class"].startswith("cat")
+    assert numbers["el2n_top_keep_classes"].startswith("cat (0.60)")
+    assert repr(numbers["dense_accuracy"]) == str(numbers["dense_accuracy"])  # glued without quotes
+
+
+def test_save_writes_png_and_svg(tmp_path):
+    paths = plots.save(plots.class_std_vs_sparsity(fake_results()), tmp_path / "fig" / "std")
+    assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
