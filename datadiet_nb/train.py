@@ -37,7 +37,7 @@ class Recipe:
     gamma: float = 0.2
     warmup: float = 0.15  # onecycle: fraction of the steps spent rising to lr
     budget: str = "steps"  # a pruned subset trains for the full data's "steps" or for the same "epochs"
-    augment: bool = True  # random crop + flip (32x32 sets)
+    augment: bool = True  # reflect-pad 4 + random crop + horizontal flip, on the device
     eval_batch_size: int = 1024
 
     def validate(self) -> None:
@@ -116,7 +116,6 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
                                 lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, total))
     generator = torch.Generator().manual_seed(seed)
-    augment = recipe.augment and images.shape[-1] > 8
 
     result, step, started = TrainResult(steps=0, epochs=0.0), 0, time.perf_counter()
     bar = tqdm(total=last_step, desc="train", unit="step", disable=not progress, leave=False)
@@ -128,7 +127,7 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
                 break
             batch = batch.to(device)
             x = normalize(images[batch], mean, std)
-            if augment:
+            if recipe.augment:
                 x = random_crop_flip(x, generator)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
