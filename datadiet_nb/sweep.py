@@ -46,16 +46,30 @@ def run_sweep(preset: Preset, store: Store, *, progress: bool = True) -> list[di
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "python3"
+TITLES = {"analysis": "Results: {preset}", "scores": "Scores: {preset}"}
 
 
-def execute_notebook(name: str, output: Path, parameters: dict) -> None:
-    """Run ``notebooks/<name>.ipynb`` with papermill; the executed copy appears at ``output`` only when done."""
+def execute_notebook(name: str, output: Path, parameters: dict, *, title: str | None = None) -> None:
+    """Run ``notebooks/<name>.ipynb`` with papermill; the executed copy appears at ``output`` only when done.
+
+    In the copy, the parameter cells are tagged for removal from the book and ``title`` (if given)
+    replaces the first heading, so that each preset's chapter is named after it.
+    """
+    import nbformat
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.parent / f".{output.stem}.partial.ipynb"
-    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
-                               kernel_name=KERNEL, progress_bar=False, cwd=os.getcwd())
+    notebook = papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
+                                          kernel_name=KERNEL, progress_bar=False, cwd=os.getcwd())
+    for cell in notebook.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if {"parameters", "injected-parameters"} & set(tags):
+            tags.append("remove-cell")
+    if title:
+        first = next(c for c in notebook.cells if c.cell_type == "markdown")
+        first.source = "\n".join([f"# {title}", *first.source.splitlines()[1:]])
+    nbformat.write(notebook, str(partial))
     os.replace(partial, output)
 
 
@@ -81,11 +95,11 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
         steps.append(("train_sparse", path, {**common, "score": spec.score, "sparsity": spec.sparsity,
                                              "seed": spec.seed}, path.is_file() and store.has_run(key)))
     steps.append(("analysis", folder / "analysis.ipynb", {**common, "figures": str((folder / "figures").resolve())},
-                  False))
+                  False))  # always re-run: cheap, and it must see every record
     steps.append(("reproducibility", Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]}, False))
     bar = tqdm(steps, desc=f"sweep {preset.name}", unit="notebook", disable=not progress)
     for name, path, parameters, done in bar:
         bar.set_postfix_str(f"{path.relative_to(book_runs)}" + (" (done)" if done else ""))
         if not done:
-            execute_notebook(name, path, parameters)
+            execute_notebook(name, path, parameters, title=TITLES.get(name, "").format(preset=preset.name) or None)
     return [store.load_run(key) for key in keys]
