@@ -12,12 +12,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from .errors import UserError
+from .grad_norms import per_example_grad_norms
 
 SCORES = ("el2n", "grand")
-GRAD_CHUNK_BYTES = 512 * 2**20  # memory allowed for one chunk of per-example gradients
 
 
 @dataclass(frozen=True)
@@ -71,25 +70,10 @@ def el2n_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *
 def grand_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """GraNd: ||d loss(f(x), y) / d theta||_2 over ALL parameters, for each example on its own.
 
-    Exact per-example gradients via ``torch.func`` (vmap of grad over a functional call in eval
-    mode); squares are summed per parameter tensor and accumulated in float64.
+    Exact, from per-layer rules at about the cost of one forward + backward
+    (:mod:`datadiet_nb.grad_norms`); models with other layer types use ``torch.func``.
     """
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
-    num_params = sum(p.numel() for p in params.values())
-    chunk = max(1, min(batch_size, GRAD_CHUNK_BYTES // (4 * num_params)))
-
-    def example_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
-        return F.cross_entropy(logits.float(), y.unsqueeze(0))
-
-    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk)
-
-    def per_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        grads = per_example_grad(params, x, y)
-        squared = sum(g.pow(2).flatten(1).sum(1, dtype=torch.float64) for g in grads.values())
-        return squared.sqrt()
-    return _batched_eval(model, inputs, targets, batch_size, per_batch)
+    return _batched_eval(model, inputs, targets, batch_size, lambda x, y: per_example_grad_norms(model, x, y))
 
 
 def grand_last_layer_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,

@@ -94,3 +94,40 @@ def test_scores_are_in_input_order():
     perm = torch.randperm(9)
     for fn in (el2n_scores, grand_scores):
         torch.testing.assert_close(fn(model, inputs, targets)[perm], fn(model, inputs[perm], targets[perm]))
+
+
+@pytest.mark.parametrize("name, width, size", [("resnet18", 64, 32), ("resnet50", 8, 32)])
+def test_grand_is_exact_on_cifar_resnets(name, width, size):
+    torch.manual_seed(4)
+    model = _with_nontrivial_batchnorm(models.build(name, num_classes=10, width=width))
+    inputs, targets = torch.randn(3, 3, size, size), torch.randint(0, 10, (3,))
+    torch.testing.assert_close(grand_scores(model, inputs, targets, batch_size=2).double(),
+                               reference_grand(model, inputs, targets), rtol=1e-4, atol=0)
+
+
+def test_grand_with_in_place_relu_and_residual_adds():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            out += x  # in place on the BatchNorm output, as torchvision's ResNets do
+            return self.relu(out)
+
+    torch.manual_seed(5)
+    model = _with_nontrivial_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.ReLU(inplace=True),
+                                                     Block(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)))
+    inputs, targets = torch.randn(6, 3, 6, 6), torch.randint(0, 5, (6,))
+    torch.testing.assert_close(grand_scores(model, inputs, targets).double(), reference_grand(model, inputs, targets),
+                               rtol=1e-4, atol=0)
+
+
+def test_layers_without_a_rule_fall_back_to_torch_func_and_say_so():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    inputs, targets = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="torch.func"):
+        got = grand_scores(model, inputs, targets)
+    torch.testing.assert_close(got.double(), reference_grand(model, inputs, targets), rtol=1e-4, atol=0)
