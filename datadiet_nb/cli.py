@@ -77,11 +77,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     for name, r in sorted(zip(dataset.classes, ratio), key=lambda item: -item[1]):
         print(f"{name:>16s} {r:.3f}")
     if out is not None:
-        from .store import atomic_write_bytes
-        import io
-        buffer = io.BytesIO()
-        np.save(buffer, kept)
-        atomic_write_bytes(out, buffer.getvalue())
+        from .store import write_npy
+        write_npy(out, kept)
         print(f"kept indices written to {out}")
 
 

@@ -62,6 +62,12 @@ def write_arrays(path: Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def write_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
@@ -91,9 +97,7 @@ class Store:
         return read_arrays(path) if path.is_file() and path.with_suffix(".json").is_file() else None
 
     def save_run(self, key: str, record: dict, kept: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, kept)
-        atomic_write_bytes(self.kept_path(key), buffer.getvalue())
+        write_npy(self.kept_path(key), kept)
         write_json(self.run_path(key), record)  # written last: a record means the run is complete
 
     def has_run(self, key: str) -> bool:
