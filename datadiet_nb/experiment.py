@@ -19,14 +19,13 @@ from . import CODE_VERSION, data, models
 from .data import Dataset
 from .errors import UserError
 from .metrics import bias_measures, class_accuracy, overall_accuracy
-from .presets import Preset
+from .presets import DENSE, Preset
 from .provenance import provenance, resolve_device
 from .prune import check_sparsity, class_keep_ratio, random_indices, select_indices
 from .scores import SCORE_FUNCTIONS
 from .store import Store, config_key
 from .train import predict, train
 
-DENSE = "dense"  # the score label of a sparsity-0 run: every example kept, whatever the score
 
 
 def load_dataset(preset: Preset) -> Dataset:

@@ -12,9 +12,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-DENSE = "dense"
+from .presets import DENSE, PRUNING_SCORES
+
 SCORE_LABELS = {"el2n": "EL2N", "grand": "GraNd", "random": "Random", DENSE: "Dense"}
-SCORE_ORDER = ["el2n", "grand", "random"]
+SCORE_ORDER = list(PRUNING_SCORES)
 FIGSIZE = (6.4, 4.0)
 MANY_CLASSES = 20  # above this, per-class line plots get no legend
 

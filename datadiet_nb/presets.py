@@ -12,6 +12,7 @@ from .scores import Scoring
 from .train import Recipe
 
 PRUNING_SCORES = ("el2n", "grand", "random")
+DENSE = "dense"  # the score label of a sparsity-0 run: every example kept, whatever the score
 PAPER_SPARSITIES = tuple(round(0.1 * i, 1) for i in range(10))
 SHARED_CIFAR10_ZIP = "../shared/data/cifar10.zip"
 

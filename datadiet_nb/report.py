@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .presets import Preset
+from .presets import DENSE, PRUNING_SCORES, Preset
 from .results import summarize
 from .store import Store
 
-DENSE = "dense"
 HEADLINE_SPARSITY = 0.5
 
 
@@ -20,7 +19,7 @@ class GlueText(str):
 
 
 def pruning_scores(results: pd.DataFrame) -> list[str]:
-    return [s for s in ("el2n", "grand", "random") if s in set(results["score"])]
+    return [s for s in PRUNING_SCORES if s in set(results["score"])]
 
 
 def _nearest(results: pd.DataFrame, score: str, target: float) -> float | None:
@@ -45,7 +44,7 @@ def headline_numbers(results: pd.DataFrame) -> dict[str, GlueText]:
         if len(dense_classes) else GlueText("n/a"),
         "num_runs": GlueText(str(len(runs))),
     }
-    for score in ("el2n", "grand", "random"):
+    for score in PRUNING_SCORES:
         sparsity = _nearest(results, score, HEADLINE_SPARSITY)
         where = "" if sparsity in (None, HEADLINE_SPARSITY) else f" (at sparsity {sparsity:g})"
         at = runs[(runs["score"] == score) & (runs["sparsity"] == sparsity)]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .experiment import DENSE, compute_scores, load_dataset, run_config, scores_config, train_run
-from .presets import Preset
+from .experiment import compute_scores, load_dataset, run_config, scores_config, train_run
+from .presets import DENSE, Preset
 from .store import Store, config_key
 
 
