@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from . import __version__, presets
 from .errors import UserError
+from .experiment import RunFailed
 from .presets import PRUNING_SCORES, Preset
 from .train import Diverged
 
@@ -24,8 +26,10 @@ def _preset(args: argparse.Namespace) -> Preset:
     return presets.with_overrides(preset, assignments)
 
 
-def _store(args: argparse.Namespace):
-    from .store import Store
+def _store(args: argparse.Namespace, *, writing: bool = True):
+    from .store import Store, check_writable
+    if writing:
+        check_writable(Path(args.store))  # fail now, not at the first result an hour from now
     return Store(args.store)
 
 
@@ -93,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"worst class {record['bias']['worst']:.4f}  (record {_store(args).run_path(record['key'])})")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
     from .results import format_table, keep_ratio_table, load_results, summarize
@@ -103,15 +107,47 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     store = _store(args)
     started = time.perf_counter()
     if args.executor == "inline":
-        records = run_sweep(preset, store, progress=not args.quiet)
+        outcome = run_sweep(preset, store, progress=not args.quiet, retry_failed=args.retry_failed)
     else:
-        records = run_sweep_notebooks(preset, list(args.set or []), store, Path(args.book_runs),
-                                      progress=not args.quiet)
-    results = load_results(store, keys=[r["key"] for r in records])
-    print(f"\n{preset.name}: {len(records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
-    print(format_table(summarize(results)))
-    print("\nclass keep ratio:")
-    print(format_table(keep_ratio_table(results)))
+        outcome = run_sweep_notebooks(preset, list(args.set or []), store, Path(args.book_runs),
+                                      progress=not args.quiet, retry_failed=args.retry_failed)
+    print(f"\n{preset.name}: {len(outcome.records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
+    if outcome.records:
+        results = load_results(store, keys=[r["key"] for r in outcome.records])
+        print(format_table(summarize(results)))
+        print("\nclass keep ratio:")
+        print(format_table(keep_ratio_table(results)))
+    if outcome.failures:
+        print(f"\n{len(outcome.failures)} jobs failed (rerun with --retry-failed to try them again):", file=sys.stderr)
+        for label, message in outcome.failures.items():
+            print(f"  {label}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .sweep import status
+
+    store = _store(args, writing=False)
+    states = status(_preset(args), store)
+    counts = {}
+    for job, state, detail in states:
+        counts[state] = counts.get(state, 0) + 1
+        if args.verbose or state != "done":
+            print(f"{state:8s} {job.label:28s} {job.key}  {detail}".rstrip())
+    print(f"{args.preset} in {store.root}: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
+                                                         ("done", "running", "failed", "missing")))
+    return 1 if counts.get("failed") else 0
+
+
+def _report_warnings_in_one_line() -> None:
+    """The package's warnings (a corrupt file moved aside, an unusable checkpoint) as ``datadiet-nb: ...`` lines."""
+    logger = logging.getLogger("datadiet_nb")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -130,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
         if name != "presets":
-            sub.add_argument("--preset", default="digits", help="preset name (default: digits)")
+            sub.add_argument("--preset", default="digits", help="a preset name or a .toml/.json preset file (default: digits)")
             sub.add_argument("--store", default="runs", help="results directory (default: runs/)")
             sub.add_argument("--set", action="append", metavar="KEY=VALUE",
                              help="edit the preset, e.g. recipe.epochs=5 or scoring.num_runs=2 (repeatable)")
@@ -154,23 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--executor", choices=("notebooks", "inline"), default="notebooks",
                        help="execute the parameterised notebooks with papermill (default), or call the package directly")
     sweep.add_argument("--book-runs", default="book/runs", help="where executed notebooks go (default: book/runs)")
+    sweep.add_argument("--retry-failed", action="store_true", help="run again the jobs recorded as failed")
+    status = command("status", cmd_status, "list the done, running, failed and missing jobs of a preset in a store")
+    status.add_argument("--verbose", action="store_true", help="list the done jobs too")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _report_warnings_in_one_line()
     try:
-        args.handler(args)
+        return args.handler(args) or 0
     except UserError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except Diverged as error:
+    except (Diverged, RunFailed) as error:
         print(f"{PROG}: run failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -19,13 +21,14 @@ from . import CODE_VERSION, data, models
 from .data import Dataset
 from .errors import UserError
 from .metrics import bias_measures, class_accuracy, overall_accuracy
-from .presets import DENSE, Preset
+from .presets import DENSE, PRUNING_SCORES, Preset
 from .provenance import provenance, resolve_device
 from .prune import check_sparsity, class_keep_ratio, random_indices, select_indices
 from .scores import SCORE_FUNCTIONS
-from .store import Store, config_key
-from .train import predict, train
+from .store import WAIT_POLL_S, Store, config_key, read_arrays, write_arrays
+from .train import Diverged, predict, train
 
+T = TypeVar("T")
 
 
 def load_dataset(preset: Preset) -> Dataset:
@@ -51,37 +54,95 @@ def scores_config(preset: Preset, dataset: Dataset) -> dict:
             "scoring_seeds": preset.scoring.seeds}
 
 
+class RunFailed(RuntimeError):
+    """A run or scoring job of the study failed (e.g. diverged); the reason is recorded in the store."""
+
+
+def _produce(store: Store, key: str, what: str, load: Callable[[], T | None], make: Callable[[], T]) -> T:
+    """The stored result of a job, computed here under a claim if nobody has, or awaited if someone is.
+
+    A failure recorded for the job (by this or another process) raises :class:`RunFailed`; a
+    divergence while computing it is recorded as such a failure.
+    """
+    while True:
+        found = load()
+        if found is not None:
+            return found
+        failure = store.load_failure(key)
+        if failure is not None:
+            raise RunFailed(f"{what} failed: {failure['message']} (see {store.failure_path(key)})")
+        claim = store.try_claim(key)
+        if claim is None:  # another process is computing it: wait for its result
+            time.sleep(WAIT_POLL_S)
+            continue
+        with claim:
+            found = load()  # finished by another process between our look and our claim
+            if found is not None:
+                return found
+            store.log_event("start", key, what)
+            try:
+                result = make()
+            except Diverged as error:
+                store.save_failure(key, {"what": what, "message": str(error)})
+                store.log_event("failed", key, what)
+                raise RunFailed(f"{what} failed: {error}") from None
+            store.log_event("done", key, what)
+            return result
+
+
 def compute_scores(preset: Preset, dataset: Dataset, store: Store, *, progress: bool = False) -> dict[str, np.ndarray]:
     """EL2N and GraNd of every training example, mean over the K scoring runs (and each run's), cached.
 
     Run k trains a fresh model with seed ``seed_offset + k`` for ``epoch`` epochs of the full
-    recipe, then scores the un-augmented training set in native order in eval mode.
+    recipe, then scores the un-augmented training set in native order in eval mode. Each finished
+    scoring run is kept (and each one checkpointed while it trains), so an interrupted job resumes.
     """
     config = scores_config(preset, dataset)
     key = config_key(config)
-    cached = store.load_scores(key)
-    if cached is not None:
-        return cached
+    return _produce(store, key, "scores", lambda: store.load_scores(key, dataset.num_train),
+                    lambda: _score(preset, dataset, store, config, key, progress))
+
+
+def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: str, progress: bool) -> dict:
     device = resolve_device(preset.device)
     started = time.perf_counter()
     inputs = data.normalize(dataset.train_images, torch.tensor(dataset.mean), torch.tensor(dataset.std))
     per_run = {name: [] for name in SCORE_FUNCTIONS}
     for seed in tqdm(preset.scoring.seeds, desc="scoring runs", disable=not progress):
-        model = seeded_model(preset, dataset, seed)
-        if preset.scoring.epoch > 0:
-            train(model, dataset, preset.recipe, seed=seed, device=device, stop_epoch=preset.scoring.epoch,
-                  progress=progress)
-        model.to(device)
-        for name, score in SCORE_FUNCTIONS.items():
-            per_run[name].append(score(model, inputs, dataset.train_labels, batch_size=preset.scoring.batch_size)
-                                 .double().numpy())
+        finished = store.checkpoint_path(f"{key}-seed{seed}.scores.npz")
+        scores = _read_finished_run(finished, dataset.num_train)
+        if scores is None:
+            model = seeded_model(preset, dataset, seed)
+            if preset.scoring.epoch > 0:
+                train(model, dataset, preset.recipe, seed=seed, device=device, stop_epoch=preset.scoring.epoch,
+                      progress=progress, checkpoint=store.checkpoint_path(f"{key}-seed{seed}.pt"),
+                      checkpoint_every=preset.checkpoint_epochs)
+            model.to(device)
+            scores = {name: score(model, inputs, dataset.train_labels, batch_size=preset.scoring.batch_size)
+                      .double().numpy() for name, score in SCORE_FUNCTIONS.items()}
+            write_arrays(finished, **scores)
+            store.checkpoint_path(f"{key}-seed{seed}.pt").unlink(missing_ok=True)
+        for name in SCORE_FUNCTIONS:
+            per_run[name].append(scores[name])
     arrays = {}
     for name, runs in per_run.items():
         arrays[f"{name}_runs"] = np.stack(runs)
         arrays[name] = arrays[f"{name}_runs"].mean(0)
     store.save_scores(key, {**config, "key": key, "seconds": time.perf_counter() - started,
                             "provenance": provenance(device)}, arrays)
-    return arrays
+    for seed in preset.scoring.seeds:
+        store.checkpoint_path(f"{key}-seed{seed}.scores.npz").unlink(missing_ok=True)
+    return store.load_scores(key, dataset.num_train)
+
+
+def _read_finished_run(path: Path, num_train: int) -> dict[str, np.ndarray] | None:
+    """One scoring run's scores kept from an interrupted job, if intact (written atomically, so they are)."""
+    try:
+        scores = read_arrays(path)
+    except (OSError, ValueError):
+        return None
+    ok = all(name in scores and scores[name].shape == (num_train,) for name in SCORE_FUNCTIONS)
+    return scores if ok else None
 
 
 def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, seed: int, store: Store,
@@ -110,17 +171,29 @@ def run_config(preset: Preset, dataset: Dataset, score: str, sparsity: float, se
 
 def train_run(preset: Preset, dataset: Dataset, score: str, sparsity: float, seed: int, store: Store,
               *, progress: bool = False) -> dict:
-    """Prune, train with ``seed``, evaluate on the test set at the final epoch, and store the record."""
+    """Prune, train with ``seed``, evaluate on the test set at the final epoch, and store the record.
+
+    A stored record is returned as is; a run another process is computing is awaited; an
+    interrupted run resumes from its checkpoint. Raises :class:`RunFailed` if the run diverged.
+    """
+    check_sparsity(sparsity, preset.offset)
+    if score not in PRUNING_SCORES + (DENSE,):
+        raise UserError(f"unknown score {score!r}; choose from {list(PRUNING_SCORES)}")
     config = run_config(preset, dataset, score, sparsity, seed)
     key = config_key(config)
-    if store.has_run(key):
-        return store.load_run(key)
+    what = f"run {config['score']} s={sparsity:g} seed={seed}"
+    return _produce(store, key, what, lambda: store.load_run(key),
+                    lambda: _train_and_record(preset, dataset, config, key, store, progress))
+
+
+def _train_and_record(preset: Preset, dataset: Dataset, config: dict, key: str, store: Store, progress: bool) -> dict:
     device = resolve_device(preset.device)
     started = time.perf_counter()
-    kept = kept_indices(preset, dataset, score, sparsity, seed, store, progress=progress)
-    model = seeded_model(preset, dataset, seed)
-    fit = train(model, dataset, preset.recipe, seed=seed, indices=torch.from_numpy(kept), device=device,
-                progress=progress)
+    kept = kept_indices(preset, dataset, config["score"], config["sparsity"], config["seed"], store, progress=progress)
+    model = seeded_model(preset, dataset, config["seed"])
+    checkpoint = store.checkpoint_path(f"{key}.pt")
+    fit = train(model, dataset, preset.recipe, seed=config["seed"], indices=torch.from_numpy(kept), device=device,
+                progress=progress, checkpoint=checkpoint, checkpoint_every=preset.checkpoint_epochs)
     predictions = predict(model, dataset.test_images, dataset, batch_size=preset.recipe.eval_batch_size,
                           device=device).numpy()
     labels = dataset.test_labels.numpy()
@@ -136,5 +209,6 @@ def train_run(preset: Preset, dataset: Dataset, score: str, sparsity: float, see
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "provenance": provenance(device),
         "full_preset": preset.to_dict(),
     }
-    store.save_run(key, record, kept)
-    return store.load_run(key)  # the stored form (JSON types), identical to what a later call returns
+    record = store.save_run(key, record, kept)
+    checkpoint.unlink(missing_ok=True)
+    return record  # the stored form (JSON types), identical to what a later call returns

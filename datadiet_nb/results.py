@@ -21,7 +21,7 @@ def load_results(store: str | os.PathLike | Store, keys: Iterable[str] | None = 
     store = store if isinstance(store, Store) else Store(store)
     records = store.records() if keys is None else (store.load_run(k) for k in dict.fromkeys(keys))
     rows = []
-    for record in records:
+    for record in filter(None, records):  # a record found corrupt is moved aside and left out
         run = {"preset": record["preset"], "dataset": record["dataset"]["name"], "model": record["model"],
                "score": record["score"], "sparsity": record["sparsity"], "offset": record["offset"],
                "seed": record["seed"], "overall_accuracy": record["overall_accuracy"],

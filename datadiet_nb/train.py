@@ -6,9 +6,13 @@ On CUDA the run uses bf16 autocast and channels_last; on CPU it is seeded and de
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +21,13 @@ from tqdm import tqdm
 
 from .data import Dataset, batch_indices, normalize, random_crop_flip
 from .errors import UserError
+from .store import atomic_write_bytes
 
 SCHEDULES = ("step", "onecycle", "cosine")
 BUDGETS = ("steps", "epochs")
+CHECKPOINTS_PER_RUN = 10  # default checkpoint interval: about a tenth of the run's passes
+
+log = logging.getLogger("datadiet_nb")
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class Recipe:
     budget: str = "steps"  # a pruned subset trains for the full data's "steps" or for the same "epochs"
     augment: bool = True  # reflect-pad 4 + random crop + horizontal flip, on the device
     eval_batch_size: int = 1024
+    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU, where compiling costs more than it saves)
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -65,6 +74,43 @@ class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+@dataclass
+class TrainingState:
+    """Everything a run needs to continue exactly where it stopped: weights, optimiser, schedule, RNGs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    run: dict  # identifies the run, so that a checkpoint of another run is never resumed
+
+    def save(self, path: Path, step: int, result: TrainResult) -> None:
+        buffer = io.BytesIO()
+        torch.save({"run": self.run, "step": step, "result": asdict(result), "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def load(self, path: Path, device: torch.device) -> tuple[int, TrainResult]:
+        """Restore from ``path``; a checkpoint that cannot be read or is another run's is set aside: (0, fresh)."""
+        try:
+            saved = torch.load(path, map_location=device, weights_only=True)
+            if saved["run"] != self.run:
+                raise ValueError(f"it belongs to another run ({saved['run']})")
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.generator.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+        except Exception as error:  # truncated, edited, or from an incompatible version
+            target = path.with_name(path.name + ".unusable")
+            os.replace(path, target)
+            log.warning("checkpoint %s cannot be resumed (%s); moved to %s, starting the run afresh",
+                        path, error, target.name)
+            return 0, TrainResult(steps=0, epochs=0.0)
+        return saved["step"], TrainResult(**saved["result"])
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Batches per pass; the last incomplete batch is dropped (a batch of one breaks BatchNorm)."""
     return max(1, num_examples // batch_size)
@@ -89,11 +135,15 @@ def lr_factor(recipe: Recipe, step: int, total: int) -> float:
 
 
 def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indices: torch.Tensor | None = None,
-          device: torch.device | str = "cpu", stop_epoch: int | None = None, progress: bool = False) -> TrainResult:
+          device: torch.device | str = "cpu", stop_epoch: int | None = None, progress: bool = False,
+          checkpoint: Path | None = None, checkpoint_every: int = 0) -> TrainResult:
     """Train ``model`` in place on ``dataset.train_images[indices]`` (all when None).
 
     ``stop_epoch`` ends the run after that many passes while keeping the full run's lr schedule
     (scoring runs take their model at epoch t of a normal run). Raises :class:`Diverged` on NaN loss.
+    With ``checkpoint``, the whole training state is saved there every ``checkpoint_every`` passes
+    (0: about every tenth of the run), and a run that finds one resumes from it; on CPU the result
+    equals an uninterrupted run's bit for bit. The caller deletes it once the result is stored.
     """
     recipe.validate()
     device = torch.device(device)
@@ -115,10 +165,17 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, total))
+    forward = torch.compile(model) if recipe.compile and cuda else model
     generator = torch.Generator().manual_seed(seed)
 
-    result, step, started = TrainResult(steps=0, epochs=0.0), 0, time.perf_counter()
-    bar = tqdm(total=last_step, desc="train", unit="step", disable=not progress, leave=False)
+    state = TrainingState(model, optimizer, scheduler, generator, run={"seed": seed, "steps": last_step,
+                                                                       "examples": len(indices)})
+    result, step = TrainResult(steps=0, epochs=0.0), 0
+    if checkpoint is not None and checkpoint.is_file():
+        step, result = state.load(checkpoint, device)
+    every = checkpoint_every or max(1, round(math.ceil(last_step / per_epoch) / CHECKPOINTS_PER_RUN))
+    started = time.perf_counter() - result.seconds
+    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not progress, leave=False)
     while step < last_step:
         loss_sum = torch.zeros((), device=device)
         batches = 0
@@ -132,7 +189,7 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(model(x), labels[batch])
+                loss = F.cross_entropy(forward(x), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -147,6 +204,9 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
             raise Diverged(f"training loss became {epoch_loss} at step {step} (seed {seed}, lr {recipe.lr})")
         result.epoch_losses.append(epoch_loss)
         result.epochs += batches / per_epoch
+        if checkpoint is not None and step < last_step and len(result.epoch_losses) % every == 0:
+            result.seconds = time.perf_counter() - started
+            state.save(checkpoint, step, result)
     bar.close()
     result.steps, result.seconds = step, time.perf_counter() - started
     return result

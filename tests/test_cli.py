@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datadiet_nb import presets
 from datadiet_nb.cli import main
 
 TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1"]
@@ -99,5 +100,5 @@ def test_the_installed_command_reports_without_traceback(tmp_path):
                              "--sparsity", "0.5", "--store", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == ("datadiet-nb: error: unknown preset 'nope'; choose one of "
-                                     "['cifar10-mini', 'cifar10-resnet18', 'cifar100-resnet50', 'digits']")
+                                     f"{sorted(presets.PRESETS)} or a .toml/.json preset file")
     assert not any(tmp_path.iterdir())

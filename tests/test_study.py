@@ -59,8 +59,8 @@ def test_plan_shares_the_dense_run_across_scores(tiny_digits):
 
 def test_sweep_results_table(tiny_digits, tmp_path):
     store = Store(tmp_path)
-    records = run_sweep(tiny_digits, store, progress=False)
-    assert len(records) == 4
+    outcome = run_sweep(tiny_digits, store, progress=False)
+    assert len(outcome.records) == 4 and not outcome.failures
     df = load_results(store)
     assert len(df) == 4 * 10
     for column in ("preset", "dataset", "model", "score", "sparsity", "offset", "seed", "class",

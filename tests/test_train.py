@@ -5,7 +5,7 @@ import torch
 
 from datadiet_nb import data, models, presets
 from datadiet_nb.experiment import load_dataset, seeded_model
-from datadiet_nb.train import Diverged, Recipe, lr_factor, predict, steps_per_epoch, total_steps, train
+from datadiet_nb.train import Diverged, Recipe, TrainingState, lr_factor, predict, steps_per_epoch, total_steps, train
 
 
 def test_step_schedule_follows_milestones():
@@ -83,3 +83,54 @@ def test_nan_loss_stops_the_run_with_a_clear_message():
     ds = data.load("digits")
     with pytest.raises(Diverged, match="nan"):
         train(Exploding(), ds, Recipe(epochs=1, batch_size=64, augment=False), seed=0)
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised by the patched checkpoint writer after some saves."""
+
+
+@pytest.mark.parametrize("survive", [1, 3])
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, monkeypatch, survive):
+    preset = presets.get("digits")
+    ds = load_dataset(preset)
+    recipe = Recipe(epochs=6, batch_size=64, lr=0.05, schedule="onecycle", augment=True)
+    subset = torch.arange(0, ds.num_train, 2)
+    whole = seeded_model(preset, ds, seed=3)
+    reference = train(whole, ds, recipe, seed=3, indices=subset)
+
+    checkpoint = tmp_path / "run.pt"
+    real_save, saves = TrainingState.save, []
+
+    def save_then_die(self, path, step, result):
+        real_save(self, path, step, result)
+        saves.append(step)
+        if len(saves) == survive:
+            raise Interrupted
+
+    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        train(seeded_model(preset, ds, seed=3), ds, recipe, seed=3, indices=subset, checkpoint=checkpoint,
+              checkpoint_every=1)
+    monkeypatch.setattr(TrainingState, "save", real_save)
+    resumed_model = seeded_model(preset, ds, seed=3)  # a new process would start from a fresh model
+    resumed = train(resumed_model, ds, recipe, seed=3, indices=subset, checkpoint=checkpoint, checkpoint_every=1)
+    assert resumed.steps == reference.steps and resumed.epoch_losses == reference.epoch_losses
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+def test_a_checkpoint_of_another_run_or_a_broken_one_is_set_aside(tmp_path, caplog):
+    preset = presets.get("digits")
+    ds = load_dataset(preset)
+    recipe = Recipe(epochs=2, batch_size=64, lr=0.05, augment=False)
+    checkpoint = tmp_path / "run.pt"
+    train(seeded_model(preset, ds, seed=0), ds, recipe, seed=0, checkpoint=checkpoint, checkpoint_every=1)
+    assert checkpoint.is_file()
+    reference = seeded_model(preset, ds, seed=1)
+    expected = train(reference, ds, recipe, seed=1)
+    model = seeded_model(preset, ds, seed=1)
+    assert train(model, ds, recipe, seed=1, checkpoint=checkpoint).epoch_losses == expected.epoch_losses
+    assert "belongs to another run" in caplog.text and (tmp_path / "run.pt.unusable").is_file()
+    checkpoint.write_bytes(b"truncated")
+    model = seeded_model(preset, ds, seed=1)
+    assert train(model, ds, recipe, seed=1, checkpoint=checkpoint).epoch_losses == expected.epoch_losses
