@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .store import write_arrays
 
 DATA_ROOT_ENV = "DATADIET_DATA"
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "datadiet_nb"
@@ -231,10 +232,7 @@ def _load_imagefolder(spec: str) -> Dataset:
             raise UserError(f"{path}: train classes {classes} differ from test classes {test_classes}")
         if train_x.shape[1:] != test_x.shape[1:]:
             raise UserError(f"{path}: train images are {train_x.shape[1:]}, test images {test_x.shape[1:]}")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
-        np.savez(staging, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=np.array(classes))
-        os.replace(staging, cache)
+        write_arrays(cache, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=np.array(classes))
     train_images = _as_nchw_uint8(train_x)
     mean, std = channel_stats(train_images)
     return Dataset(f"{IMAGEFOLDER_PREFIX}{path.name}", train_images, torch.from_numpy(train_y),

@@ -6,6 +6,7 @@ The dense run (sparsity 0) starts every score's line and is drawn as a dashed re
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -13,6 +14,7 @@ import pandas as pd
 import seaborn as sns
 
 from .presets import DENSE, PRUNING_SCORES
+from .store import atomic_write_bytes
 
 SCORE_LABELS = {"el2n": "EL2N", "grand": "GraNd", "random": "Random", DENSE: "Dense"}
 SCORE_ORDER = list(PRUNING_SCORES)
@@ -119,10 +121,11 @@ def keep_ratio_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: st
 def save(fig: plt.Figure, path_stem: str | Path) -> list[Path]:
     """Save as PNG and SVG next to each other; returns the paths."""
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    for path, options in zip(paths, ({"dpi": 150}, {})):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=path.suffix[1:], **options)
+        atomic_write_bytes(path, buffer.getvalue())
     return paths
 
 

@@ -172,17 +172,18 @@ KERNEL = "python3"
 TITLES = {"analysis": "Results: {preset}", "scores": "Scores: {preset}"}
 
 
-def execute_notebook(name: str, output: Path, parameters: dict, *, title: str | None = None) -> None:
+def execute_notebook(name: str, output: Path, parameters: dict, *, scratch: Path, title: str | None = None) -> None:
     """Run ``notebooks/<name>.ipynb`` with papermill; the executed copy appears at ``output`` only when done.
 
-    In the copy, the parameter cells are tagged for removal from the book and ``title`` (if given)
-    replaces the first heading, so that each preset's chapter is named after it.
+    Papermill writes the notebook as it runs into ``scratch`` (outside the book). In the copy, the
+    parameter cells are tagged for removal from the book and ``title`` (if given) replaces the
+    first heading, so that each preset's chapter is named after it.
     """
     import nbformat
     import papermill
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.parent / f".{output.stem}.{os.getpid()}.partial.ipynb"
+    scratch.mkdir(parents=True, exist_ok=True)
+    partial = scratch / f"{output.stem}.{os.getpid()}.partial.ipynb"
     try:
         notebook = papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
                                               kernel_name=KERNEL, progress_bar=False, cwd=os.getcwd())
@@ -207,6 +208,7 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     from papermill.exceptions import PapermillExecutionError
 
     folder = Path(book_runs) / preset.name
+    scratch = store.checkpoint_path("notebooks")
     common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
 
     def notebook(job: Job) -> Path:
@@ -218,7 +220,7 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
             name = "train_sparse"
             parameters = {**common, "score": job.spec.score, "sparsity": job.spec.sparsity, "seed": job.spec.seed}
         try:
-            execute_notebook(name, notebook(job), parameters,
+            execute_notebook(name, notebook(job), parameters, scratch=scratch,
                              title=TITLES.get(name, "").format(preset=preset.name) or None)
         except PapermillExecutionError as error:
             if error.ename == "UserError":
@@ -232,5 +234,6 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     for name, path, parameters in (
             ("analysis", folder / "analysis.ipynb", {**common, "figures": str((folder / "figures").resolve())}),
             ("reproducibility", Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]})):
-        execute_notebook(name, path, parameters, title=TITLES.get(name, "").format(preset=preset.name) or None)
+        execute_notebook(name, path, parameters, scratch=scratch,
+                         title=TITLES.get(name, "").format(preset=preset.name) or None)
     return outcome

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,22 @@ TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=2", "--set", "sco
 FIGURES = ["accuracy", "class_accuracy_el2n", "best_worst", "class_std", "keep_ratio"]
 
 
+SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits", "--store", "runs", "--quiet", *TINY]
+
+
 def sweep(root: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits", "--store", "runs",
-               "--quiet", *TINY]
-    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
+    return subprocess.run(SWEEP, cwd=root, capture_output=True, text=True, timeout=900)
+
+
+def sweep_killed_midway(root: Path) -> None:
+    """Start the notebook sweep and SIGKILL it a few seconds into its first training notebook."""
+    process = subprocess.Popen(SWEEP, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train = root / "book" / "runs" / "digits" / "train"
+    while process.poll() is None and not any(train.glob("*.ipynb")):
+        time.sleep(0.2)
+    time.sleep(5)
+    process.kill()
+    process.wait()
 
 
 def fingerprint(paths) -> dict:
@@ -41,6 +54,7 @@ def book(tmp_path_factory) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("runs", "_build"))
+    sweep_killed_midway(root)  # the sweep below must resume it: the tests check the book is whole
     result = sweep(root)
     assert result.returncode == 0, result.stderr[-3000:]
     build = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", ".", "--warningiserror",
