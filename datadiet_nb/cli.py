@@ -101,10 +101,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
     from .results import format_table, keep_ratio_table, load_results, summarize
+    from .store import check_writable
     from .sweep import run_sweep, run_sweep_notebooks
 
     preset = _preset(args)
+    if args.dry_run:
+        return _dry_run(preset, _store(args, writing=False))
     store = _store(args)
+    if args.executor == "notebooks":
+        check_writable(Path(args.book_runs))
     started = time.perf_counter()
     if args.executor == "inline":
         outcome = run_sweep(preset, store, progress=not args.quiet, retry_failed=args.retry_failed)
@@ -123,6 +128,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {label}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
         return 1
     return 0
+
+
+def _dry_run(preset: Preset, store) -> int:
+    """Print the jobs a sweep would run and their estimated time, from a short timed warm-up on this device."""
+    from .estimate import job_seconds, measure
+    from .experiment import load_dataset
+    from .sweep import jobs, job_state
+
+    dataset = load_dataset(preset)
+    costs = measure(preset, dataset)
+    total, todo = 0.0, 0
+    for job in jobs(preset, dataset):
+        state, _ = job_state(store, job, dataset.num_train)
+        seconds = job_seconds(preset, dataset, job, costs)
+        if state != "done":
+            total, todo = total + seconds, todo + 1
+        print(f"{state:8s} {job.label:28s} {_duration(seconds):>10s}")
+    print(f"\n{preset.name}: {todo} jobs to run, about {_duration(total)} on {costs.device} "
+          f"(measured: {costs.train_step * 1e3:.1f} ms per training step of {preset.recipe.batch_size}, "
+          f"{costs.score_example * 1e6:.0f} us per scored example, {costs.eval_example * 1e6:.0f} us per test image)")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -191,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="execute the parameterised notebooks with papermill (default), or call the package directly")
     sweep.add_argument("--book-runs", default="book/runs", help="where executed notebooks go (default: book/runs)")
     sweep.add_argument("--retry-failed", action="store_true", help="run again the jobs recorded as failed")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="list the jobs and estimate their time from a short timed warm-up; run nothing")
     status = command("status", cmd_status, "list the done, running, failed and missing jobs of a preset in a store")
     status.add_argument("--verbose", action="store_true", help="list the done jobs too")
     return parser

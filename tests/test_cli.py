@@ -102,3 +102,16 @@ def test_the_installed_command_reports_without_traceback(tmp_path):
     assert result.stderr.strip() == ("datadiet-nb: error: unknown preset 'nope'; choose one of "
                                      f"{sorted(presets.PRESETS)} or a .toml/.json preset file")
     assert not any(tmp_path.iterdir())
+
+
+def test_dry_run_lists_the_jobs_and_estimates_without_running_anything(tmp_path, capsys, monkeypatch):
+    from datadiet_nb import experiment
+    monkeypatch.setattr(experiment, "_train_and_record", lambda *a, **k: pytest.fail("a dry run trained"))
+    store = tmp_path / "runs"
+    assert main(["sweep", "--dry-run", "--store", str(store), "--quiet", *TINY, "--set", "sparsities=0,0.5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[:2] for line in lines[:5]] == [
+        ["missing", "scores"], ["missing", "dense-s0-seed0"], ["missing", "el2n-s0.5-seed0"],
+        ["missing", "grand-s0.5-seed0"], ["missing", "random-s0.5-seed0"]]
+    assert lines[-1].startswith("digits: 5 jobs to run, about ") and "ms per training step of 64" in lines[-1]
+    assert not store.exists()

@@ -1,0 +1,86 @@
+"""How long a sweep will take: a few timed training, scoring and evaluation steps on this device, scaled up.
+
+The estimate counts the optimiser steps each job will take under the preset's budget rule, the
+examples it scores and the test images it evaluates, and multiplies each by its measured cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .data import Dataset
+from .experiment import seeded_model
+from .presets import Preset
+from .prune import num_kept
+from .provenance import device_name, resolve_device
+from .scores import SCORE_FUNCTIONS
+from .sweep import Job
+from .train import predict, steps_per_epoch, total_steps, train
+
+TIMED_STEPS = 3  # optimiser steps timed after one untimed warm-up step
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Measured seconds per unit of work on one device."""
+
+    device: str
+    train_step: float  # one optimiser step at the recipe's batch size
+    score_example: float  # EL2N + GraNd of one training example
+    eval_example: float  # one test prediction
+
+
+def _timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def measure(preset: Preset, dataset: Dataset) -> Costs:
+    """Time a few steps of each kind of work on the preset's device (seconds, about 5 steps' worth)."""
+    device = resolve_device(preset.device)
+    model = seeded_model(preset, dataset, seed=0)
+    batch = min(preset.recipe.batch_size, dataset.num_train)
+    one_pass = dataclasses.replace(preset.recipe, epochs=1, budget="epochs")
+    warm = torch.arange(batch)
+    timed = torch.arange(batch * TIMED_STEPS) % dataset.num_train
+    train(model, dataset, one_pass, seed=0, indices=warm, device=device)
+    steps = steps_per_epoch(len(timed), one_pass.batch_size)
+    train_step = _timed(lambda: train(model, dataset, one_pass, seed=0, indices=timed, device=device)) / steps
+
+    model.eval()
+    count = min(preset.scoring.batch_size, dataset.num_train)
+    inputs = ((dataset.train_images[:count].float() / 255 - torch.tensor(dataset.mean).view(1, -1, 1, 1))
+              / torch.tensor(dataset.std).view(1, -1, 1, 1)).to(device)
+    labels = dataset.train_labels[:count]
+
+    def score_all():
+        for score in SCORE_FUNCTIONS.values():
+            score(model, inputs, labels, batch_size=count)
+
+    score_all()
+    score_example = _timed(score_all) / count
+    test = dataset.test_images[:min(preset.recipe.eval_batch_size, len(dataset.test_images))]
+    predict(model, test, dataset, batch_size=len(test), device=device)
+    eval_example = _timed(lambda: predict(model, test, dataset, batch_size=len(test), device=device)) / max(1, len(test))
+    return Costs(device_name(device), train_step, score_example, eval_example)
+
+
+def job_seconds(preset: Preset, dataset: Dataset, job: Job, costs: Costs) -> float:
+    """Estimated seconds of one job of the sweep on the measured device."""
+    full = dataset.num_train
+    if job.spec is None:
+        scoring_steps = min(total_steps(preset.recipe, full, full), preset.scoring.epoch * steps_per_epoch(
+            full, preset.recipe.batch_size))
+        return preset.scoring.num_runs * (scoring_steps * costs.train_step + full * costs.score_example)
+    kept = num_kept(full, job.spec.sparsity)
+    steps = total_steps(preset.recipe, kept, full)
+    return steps * costs.train_step + len(dataset.test_labels) * costs.eval_example
