@@ -59,7 +59,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .prune import check_sparsity, class_keep_ratio, select_indices
 
     preset = _preset(args)
-    check_sparsity(args.sparsity, preset.offset)
+    check_sparsity(args.sparsity, preset.offset_at(args.sparsity))
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.force:
         raise UserError(f"{out} exists; choose another --out or pass --force to replace it")

@@ -148,7 +148,7 @@ def _read_finished_run(path: Path, num_train: int) -> dict[str, np.ndarray] | No
 def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, seed: int, store: Store,
                  *, progress: bool = False) -> np.ndarray:
     """Training indices kept at ``sparsity`` by ``score`` (``random`` draws with ``seed``)."""
-    check_sparsity(sparsity, preset.offset)
+    check_sparsity(sparsity, preset.offset_at(sparsity))
     if sparsity == 0:
         return np.arange(dataset.num_train, dtype=np.int64)
     if score == "random":
@@ -163,7 +163,7 @@ def run_config(preset: Preset, dataset: Dataset, score: str, sparsity: float, se
     """Everything that determines one training run (and so its store key)."""
     score = DENSE if sparsity == 0 else score
     config = {**_model_config(preset, dataset), "score": score, "sparsity": sparsity,
-              "offset": preset.offset if sparsity else 0.0, "seed": seed}
+              "offset": preset.offset_at(sparsity), "seed": seed}
     if score in SCORE_FUNCTIONS:
         config["scores_key"] = config_key(scores_config(preset, dataset))
     return config
@@ -176,7 +176,7 @@ def train_run(preset: Preset, dataset: Dataset, score: str, sparsity: float, see
     A stored record is returned as is; a run another process is computing is awaited; an
     interrupted run resumes from its checkpoint. Raises :class:`RunFailed` if the run diverged.
     """
-    check_sparsity(sparsity, preset.offset)
+    check_sparsity(sparsity, preset.offset_at(sparsity))
     if score not in PRUNING_SCORES + (DENSE,):
         raise UserError(f"unknown score {score!r}; choose from {list(PRUNING_SCORES)}")
     config = run_config(preset, dataset, score, sparsity, seed)

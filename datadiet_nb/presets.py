@@ -51,12 +51,16 @@ class Preset:
         if not self.sparsities or not self.seeds:
             raise UserError("a preset needs at least one sparsity and one seed")
         for sparsity in self.sparsities:
-            check_sparsity(sparsity, self.offset)
+            check_sparsity(sparsity, self.offset_at(sparsity))
         if self.train_per_class is not None and self.train_per_class < 1:
             raise UserError(f"train_per_class must be >= 1, got {self.train_per_class}")
         if self.checkpoint_epochs < 0:
             raise UserError(f"checkpoint_epochs must be >= 0, got {self.checkpoint_epochs}")
         return self
+
+    def offset_at(self, sparsity: float) -> float:
+        """The offset a run at ``sparsity`` uses: none for the dense run, which keeps every example."""
+        return self.offset if sparsity else 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -73,3 +73,33 @@ def test_sweep_results_table(tiny_digits, tmp_path):
     ratios = keep_ratio_table(df)
     assert ratios.loc[("dense", 0.0)].eq(1.0).all()
     np.testing.assert_allclose(ratios.loc[("random", 0.5)].mean(), 0.5, atol=0.05)
+
+
+def test_every_ingredient_of_a_run_changes_its_key(tiny_digits, monkeypatch):
+    """Dataset size, model, recipe, scoring, score, sparsity, offset, seed and code version all enter the key."""
+    from datadiet_nb import experiment as exp
+    from datadiet_nb.store import config_key
+
+    ds = load_dataset(tiny_digits)
+
+    def key(preset=tiny_digits, dataset=ds, score="el2n", sparsity=0.5, seed=0):
+        return config_key(exp.run_config(preset, dataset, score, sparsity, seed))
+
+    variants = {
+        "base": key(),
+        "dataset size": key(dataset=ds.with_train_per_class(100)),
+        "model": key(presets.with_overrides(tiny_digits, ["model_options.width=8"])),
+        "recipe": key(presets.with_overrides(tiny_digits, ["recipe.lr=0.02"])),
+        "scoring": key(presets.with_overrides(tiny_digits, ["scoring.epoch=2"])),
+        "score": key(score="grand"),
+        "sparsity": key(sparsity=0.3),
+        "offset": key(presets.with_overrides(tiny_digits, ["offset=0.1"])),
+        "seed": key(seed=1),
+    }
+    monkeypatch.setattr(exp, "CODE_VERSION", "changed")
+    variants["code version"] = key()
+    assert len(set(variants.values())) == len(variants)
+    # what does not change a result does not change the key: checkpoint interval, device choice, preset name
+    monkeypatch.undo()
+    for edit in (["checkpoint_epochs=3"], ["device=cpu"]):
+        assert key(presets.with_overrides(tiny_digits, edit)) == variants["base"]
