@@ -124,3 +124,13 @@ def recipe_table(preset: Preset) -> pd.DataFrame:
     flat.columns = ["value"]
     flat["value"] = flat["value"].map(lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
     return flat.rename_axis("setting")
+
+
+def failures_note(failures: dict[str, str]):
+    """A visible note naming the jobs that failed (and so are missing from every figure and table); None if none."""
+    if not failures:
+        return None
+    from IPython.display import Markdown
+    lines = [f"- `{label}`: {message.splitlines()[0] if message else 'failed'}" for label, message in failures.items()]
+    return Markdown("**Failed jobs, left out of every figure and table on this page** "
+                    "(`datadiet-nb sweep --retry-failed` runs them again):\n\n" + "\n".join(lines))

@@ -50,3 +50,11 @@ def test_headline_numbers_come_from_the_table():
 def test_save_writes_png_and_svg(tmp_path):
     paths = plots.save(plots.class_std_vs_sparsity(fake_results()), tmp_path / "fig" / "std")
     assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_failures_note_names_each_failed_job():
+    from datadiet_nb.report import failures_note
+    assert failures_note({}) is None
+    note = failures_note({"grand-s0.5-seed0": "run grand s=0.5 seed=0 failed: training loss became nan\nmore"})
+    assert "`grand-s0.5-seed0`: run grand s=0.5 seed=0 failed: training loss became nan" in note.data
+    assert "more" not in note.data
