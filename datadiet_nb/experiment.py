@@ -7,6 +7,7 @@ determines its output, so asking again for a finished step returns the stored re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from .store import WAIT_POLL_S, Store, config_key, read_arrays, write_arrays
 from .train import Diverged, predict, train
 
 T = TypeVar("T")
+log = logging.getLogger("datadiet_nb")
 
 
 def load_dataset(preset: Preset) -> Dataset:
@@ -64,6 +66,7 @@ def _produce(store: Store, key: str, what: str, load: Callable[[], T | None], ma
     A failure recorded for the job (by this or another process) raises :class:`RunFailed`; a
     divergence while computing it is recorded as such a failure.
     """
+    announced = False
     while True:
         found = load()
         if found is not None:
@@ -73,6 +76,11 @@ def _produce(store: Store, key: str, what: str, load: Callable[[], T | None], ma
             raise RunFailed(f"{what} failed: {failure['message']} (see {store.failure_path(key)})")
         claim = store.try_claim(key)
         if claim is None:  # another process is computing it: wait for its result
+            holder = store.claim_holder(key) or {}
+            if not announced:
+                log.warning("%s is being computed by %s pid %s; waiting for it", what, holder.get("host", "?"),
+                            holder.get("pid", "?"))
+                announced = True
             time.sleep(WAIT_POLL_S)
             continue
         with claim:
