@@ -6,8 +6,10 @@ squared gradient norm is computed from them without forming the full per-example
 
 - Linear: ||a_i||^2 ||g_i||^2, plus ||g_i||^2 for the bias.
 - Conv2d: the per-example weight gradient g_i U_i^T (U_i = unfolded input), either materialised
-  and squared, or as the "ghost norm" <U_i^T U_i, g_i^T g_i> over output positions, whichever
-  takes fewer operations for the layer's shape; plus ||sum_positions g_i||^2 for the bias.
+  (one kernel offset at a time, from views of the input) and squared, or as the "ghost norm"
+  <U_i^T U_i, g_i^T g_i> over output positions; plus ||sum_positions g_i||^2 for the bias. Which of
+  the two is faster depends on the layer and the device, so it is timed once per layer shape
+  (:func:`choose_conv_rule`) and cached.
 - BatchNorm in eval mode is a fixed per-channel affine map: gamma's gradient is sum_pixels g * x_hat
   and beta's is sum_pixels g.
 
@@ -18,15 +20,24 @@ go to :func:`vmap_grad_norms`, the ``torch.func`` reference.
 
 from __future__ import annotations
 
+import time
 import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-GRAD_CHUNK_BYTES = 512 * 2**20  # memory allowed for materialised per-example gradients at once
+GRAD_CHUNK_BYTES = 512 * 2**20  # memory allowed for materialised per-example gradients at once (vmap)
+RULE_WORK_BYTES = 64 * 2**20  # temporaries allowed for one conv rule at once: its batch is split to fit
+TIMING_BAND = 10  # conv rules are timed only when their operation counts are within this factor
+TIMING_REPEATS = 3  # runs of each conv rule when timing it; the fastest counts
+TIMING_MARGIN = 1.2  # the rule with more operations is chosen only when timed this many times faster
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+T = TypeVar("T")
 
 
 def _owner_is_supported(module: nn.Module) -> bool:
@@ -48,34 +59,153 @@ def hook_rules_cover(model: nn.Module) -> bool:
     return all(count == 1 for count in owners.values())
 
 
-def _conv_sq_norm(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Squared norm of each example's weight gradient (and bias gradient) of a convolution."""
-    batch, c_out = g.shape[:2]
-    g = g.flatten(2)  # [B, C_out, P]
-    unfolded = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, C_in*k*k, P]
-    positions, fan_in = g.shape[2], unfolded.shape[1]
-    ghost = positions * positions * (fan_in + c_out) < c_out * fan_in * positions
-    if ghost:
-        gram_a = unfolded.transpose(1, 2) @ unfolded  # [B, P, P]
-        gram_g = g.transpose(1, 2) @ g
-        squared = (gram_a * gram_g).sum((1, 2), dtype=torch.float64)
-    else:
-        chunk = max(1, GRAD_CHUNK_BYTES // (4 * c_out * fan_in))
-        squared = torch.cat([(g[i:i + chunk] @ unfolded[i:i + chunk].transpose(1, 2)).pow(2)
-                             .sum((1, 2), dtype=torch.float64) for i in range(0, batch, chunk)])
+def _padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The convolution's zero padding as (top, bottom, left, right), for numeric, "valid" or "same" padding."""
+    if module.padding == "valid":
+        return 0, 0, 0, 0
+    if module.padding == "same":  # PyTorch puts the odd pixel of an even total at the bottom/right
+        (th, tw) = (d * (k - 1) for d, k in zip(module.dilation, module.kernel_size))
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    (ph, pw) = module.padding
+    return ph, ph, pw, pw
+
+
+def _window_length(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> int:
+    """Columns of each window of :func:`_offset_windows`: output rows x padded input width with stride 1, else P."""
+    if module.stride == (1, 1):
+        _, _, left, right = _padding(module)
+        return g.shape[2] * (a.shape[3] + left + right)
+    return g.shape[2] * g.shape[3]
+
+
+def _offset_windows(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Iterator[torch.Tensor]]:
+    """Output gradients as [B, C_out, L] and, lazily, for each kernel offset, the input seen there as [B, C_in, L].
+
+    ``G_i @ W_i^T`` is that offset's slice of example i's weight gradient, and the sum of ``W_i^T W_i`` over
+    offsets is the Gram matrix of the unfolded input. With stride 1 the windows are views of one flat
+    zero-padded copy of the input (rows wrap around; the gradient is zero on the wrapped columns), so no
+    unfolded input is formed; with a larger stride each window is a strided copy of the output's size.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    top, bottom, left, right = _padding(module)
+    (batch, c_in, h, w), (ho, wo) = a.shape, g.shape[2:]
+    hp, wp = h + top + bottom, w + left + right
+    flat = a.new_zeros(batch, c_in, hp * wp + (kw - 1) * dw)  # the tail: room for the last window to wrap
+    padded = flat[:, :, :hp * wp].view(batch, c_in, hp, wp)
+    padded[:, :, top:top + h, left:left + w] = a
+    offsets = [(i * dh, j * dw) for i in range(kh) for j in range(kw)]
+    if (sh, sw) == (1, 1):
+        rows = g.new_zeros(batch, g.shape[1], ho, wp)
+        rows[..., :wo] = g
+        length = ho * wp
+        return rows.flatten(2), (flat[:, :, r * wp + c:r * wp + c + length] for r, c in offsets)
+    windows = (padded[:, :, r:r + sh * (ho - 1) + 1:sh, c:c + sw * (wo - 1) + 1:sw].flatten(2) for r, c in offsets)
+    return g.flatten(2), windows
+
+
+def _materialised_sq_norm(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's weight gradient formed one kernel offset at a time ([C_out, C_in] each), squared and summed.
+
+    Every term is a square, so float32 sums lose nothing to cancellation; offsets are added in float64.
+    """
+    rows, windows = _offset_windows(module, a, g)
+    squared = torch.zeros(len(a), dtype=torch.float64, device=a.device)
+    for window in windows:
+        squared += torch.linalg.vector_norm(rows @ window.transpose(1, 2), dim=(1, 2)).double().square()
+    return squared
+
+
+def _ghost_sq_norm(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The "ghost norm" <U_i^T U_i, G_i^T G_i>: two [L, L] Gram matrices per example instead of the gradient.
+
+    Their product has terms of both signs, so it is summed in float64.
+    """
+    rows, windows = _offset_windows(module, a, g)
+    gram = None
+    for window in windows:
+        w_t = window.transpose(1, 2)
+        gram = w_t @ window if gram is None else gram.baddbmm_(w_t, window)
+    return (gram * (rows.transpose(1, 2) @ rows)).sum((1, 2), dtype=torch.float64)
+
+
+CONV_RULES = {"materialise": _materialised_sq_norm, "ghost": _ghost_sq_norm}
+_RULE_TEMPORARIES = {  # per example, in elements: the padded copies, then the rule's own largest temporaries
+    "materialise": lambda c_in, c_out, length: (c_in + c_out) * length + c_in * c_out,
+    "ghost": lambda c_in, c_out, length: (c_in + c_out) * length + 5 * length ** 2,  # 3 Gram-sized + a float64 copy
+}
+_conv_choices: dict[tuple, str] = {}  # (layer hyper-parameters, input shape, dtype, device) -> fastest rule
+
+
+def _conv_op_counts(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, int]:
+    """Multiply-adds per example of each rule over windows of L columns: C_out*fan_in*L materialised,
+    L^2*(fan_in + C_out) ghost."""
+    length, c_out = _window_length(module, a, g), g.shape[1]
+    fan_in = a.shape[1] * module.kernel_size[0] * module.kernel_size[1]
+    return {"materialise": c_out * fan_in * length, "ghost": length ** 2 * (fan_in + c_out)}
+
+
+def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """``fn()`` and its wall-clock seconds, waiting for the device's queued work on CUDA."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - started
+
+
+def choose_conv_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> str:
+    """The faster exact rule for this layer and input shape: timed the first time the shape is seen, then cached.
+
+    Operation counts miss memory traffic and kernel efficiency, which differ by layer and device, so the
+    rules are timed; but the count decides when one rule needs over ``TIMING_BAND`` times the other's
+    operations (no timing needed) and in near ties (timed within ``TIMING_MARGIN``), so that noisy timings
+    rarely change the choice, and with it the last bits of the scores, from one process to the next.
+    """
+    key = (module.kernel_size, module.stride, module.dilation, module.padding, module.out_channels,
+           tuple(a.shape), a.dtype, a.device)
+    if key not in _conv_choices:
+        counts = _conv_op_counts(module, a, g)
+        fewer, more = sorted(counts, key=counts.get)
+        choice = fewer
+        if counts[more] <= TIMING_BAND * counts[fewer]:
+            seconds = {rule: min(_timed(lambda: _conv_weight_sq_norm(module, a, g, rule), a.device)[1]
+                                 for _ in range(TIMING_REPEATS)) for rule in counts}
+            if seconds[more] * TIMING_MARGIN < seconds[fewer]:
+                choice = more
+        _conv_choices[key] = choice
+    return _conv_choices[key]
+
+
+def _conv_weight_sq_norm(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, rule: str) -> torch.Tensor:
+    """Squared norm of each example's weight gradient by ``rule``, over chunks of examples whose
+    temporaries fit in ``RULE_WORK_BYTES``."""
+    elements = _RULE_TEMPORARIES[rule](a.shape[1], g.shape[1], _window_length(module, a, g))
+    chunk = max(1, RULE_WORK_BYTES // (elements * a.element_size()))
+    return torch.cat([CONV_RULES[rule](module, a[i:i + chunk], g[i:i + chunk]) for i in range(0, len(a), chunk)])
+
+
+def _conv_sq_norm(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, rule: str) -> torch.Tensor:
+    """Squared norm of each example's weight gradient (by ``rule``) plus its bias gradient."""
+    squared = _conv_weight_sq_norm(module, a, g, rule)
     if module.bias is not None:
-        squared = squared + g.sum(2).pow(2).sum(1, dtype=torch.float64)
+        squared = squared + g.sum((2, 3)).pow(2).sum(1, dtype=torch.float64)
     return squared
 
 
 def _batchnorm_sq_norm(module: nn.BatchNorm2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """gamma: sum_pixels g * x_hat = (sum g*a - mean * sum g) / sqrt(var + eps), with no full-size temporaries.
+
+    The subtraction costs float32 digits only where a channel's running mean dwarfs its spread.
+    """
     squared = torch.zeros(len(a), dtype=torch.float64, device=a.device)
+    g_sum = g.sum((2, 3))
     if module.weight is not None:
-        shape = (1, -1, 1, 1)
-        x_hat = (a - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
-        squared = squared + (g * x_hat).sum((2, 3)).pow(2).sum(1, dtype=torch.float64)
+        g_dot_a = torch.linalg.vecdot(g.flatten(2), a.flatten(2))
+        gamma = (g_dot_a - module.running_mean * g_sum) / torch.sqrt(module.running_var + module.eps)
+        squared = squared + gamma.pow(2).sum(1, dtype=torch.float64)
     if module.bias is not None:
-        squared = squared + g.sum((2, 3)).pow(2).sum(1, dtype=torch.float64)
+        squared = squared + g_sum.pow(2).sum(1, dtype=torch.float64)
     return squared
 
 
@@ -91,11 +221,47 @@ def _linear_sq_norm(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torc
     return squared
 
 
-RULES = {nn.Linear: _linear_sq_norm, nn.Conv2d: _conv_sq_norm, nn.BatchNorm2d: _batchnorm_sq_norm}
+RULES = {nn.Linear: _linear_sq_norm, nn.BatchNorm2d: _batchnorm_sq_norm}
 
 
-def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example ||grad_theta CE(f(x_i), y_i)||_2 over all parameters for one batch (model in eval mode)."""
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer's share of a :func:`hook_grad_norms` call when profiling: what it is, the rule, seconds."""
+
+    layer: str
+    rule: str
+    seconds: float
+
+
+def describe_layer(module: nn.Module, a: torch.Tensor) -> str:
+    """A short name for a layer's type and shape, e.g. ``Conv2d 64->64 3x3 /1 on 32x32``."""
+    size = "x".join(map(str, a.shape[2:]))
+    if isinstance(module, nn.Conv2d):
+        kernel = "x".join(map(str, module.kernel_size))
+        return f"Conv2d {module.in_channels}->{module.out_channels} {kernel} /{module.stride[0]} on {size}"
+    if isinstance(module, nn.BatchNorm2d):
+        return f"BatchNorm2d {module.num_features} on {size}"
+    return f"{type(module).__name__} {module.in_features}->{module.out_features}"
+
+
+def _layer_sq_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, conv_rule: str | None
+                   ) -> tuple[torch.Tensor, str]:
+    """This layer's share of each example's squared gradient norm, and the name of the rule used."""
+    if isinstance(module, nn.Conv2d):
+        rule = conv_rule or choose_conv_rule(module, a, g)
+        return _conv_sq_norm(module, a, g, rule), rule
+    return RULES[type(module)](module, a, g), type(module).__name__
+
+
+def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, conv_rule: str | None = None,
+                    profile: list[LayerTime] | None = None) -> torch.Tensor:
+    """Per-example ||grad_theta CE(f(x_i), y_i)||_2 over all parameters for one batch (model in eval mode).
+
+    ``conv_rule`` forces one of :data:`CONV_RULES` (default: the fastest, timed per shape); a ``profile``
+    list receives a :class:`LayerTime` per layer (timed with a device sync each, so a little slower).
+    """
+    if conv_rule is not None and conv_rule not in CONV_RULES:
+        raise ValueError(f"unknown conv rule {conv_rule!r}; choose one of {sorted(CONV_RULES)}")
     squared = torch.zeros(len(x), dtype=torch.float64, device=x.device)
 
     def on_forward(module, args, output):
@@ -103,11 +269,17 @@ def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 
         def accumulate(g: torch.Tensor) -> None:  # g: gradient at this output, before any in-place edit of it
             nonlocal squared
-            squared = squared + RULES[type(module)](module, a.float(), g.float())
+            share = partial(_layer_sq_norm, module, a.float(), g.float(), conv_rule)
+            if profile is None:
+                value, _ = share()
+            else:
+                (value, rule), seconds = _timed(share, x.device)
+                profile.append(LayerTime(describe_layer(module, a), rule, seconds))
+            squared = squared + value
         output.register_hook(accumulate)
 
     handles = [module.register_forward_hook(on_forward) for module in model.modules()
-               if type(module) in RULES and any(True for _ in module.parameters(recurse=False))]
+               if type(module) in SUPPORTED and any(True for _ in module.parameters(recurse=False))]
     try:
         x = x.detach().requires_grad_(True)
         loss = F.cross_entropy(model(x).float(), y, reduction="sum")  # examples do not interact in eval mode

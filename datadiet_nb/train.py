@@ -130,7 +130,7 @@ def lr_factor(recipe: Recipe, step: int, total: int) -> float:
     if recipe.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     if progress < recipe.warmup:
-        return (progress + 1 / max(1, total)) / recipe.warmup
+        return min(1.0, (progress + 1 / max(1, total)) / recipe.warmup)  # a run shorter than the warm-up peaks at 1
     return max(0.0, (1 - progress) / (1 - recipe.warmup))
 
 

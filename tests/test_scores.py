@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datadiet_nb import models
+from datadiet_nb import grad_norms, models
+from datadiet_nb.grad_norms import CONV_RULES, LayerTime, hook_grad_norms
 from datadiet_nb.scores import el2n_scores, grand_last_layer_scores, grand_scores
 
 
@@ -131,3 +132,42 @@ def test_layers_without_a_rule_fall_back_to_torch_func_and_say_so():
     with pytest.warns(UserWarning, match="torch.func"):
         got = grand_scores(model, inputs, targets)
     torch.testing.assert_close(got.double(), reference_grand(model, inputs, targets), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("kernel, options", [
+    (3, {"padding": 1}),                              # stride 1: the windows are views of the input
+    (3, {"stride": 2, "padding": 1, "bias": False}),  # stride 2: strided copies
+    ((2, 3), {"stride": (1, 2), "padding": (0, 2)}),  # rectangular kernel, mixed strides
+    (3, {"dilation": 2, "padding": 2}),
+    (4, {"padding": "same"}),                         # even kernel: asymmetric padding
+    (1, {"stride": 2, "bias": False}),                # a ResNet shortcut
+])
+@pytest.mark.parametrize("rule", sorted(CONV_RULES))
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_both_conv_rules_are_exact(kernel, options, rule, monkeypatch):
+    torch.manual_seed(7)
+    conv = nn.Conv2d(3, 4, kernel, **options)
+    features = conv(torch.zeros(1, 3, 9, 11)).numel()
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(features, 3)).eval()
+    inputs, targets = torch.randn(5, 3, 9, 11), torch.randint(0, 3, (5,))
+    expected = reference_grand(model, inputs, targets)
+    torch.testing.assert_close(hook_grad_norms(model, inputs, targets, conv_rule=rule), expected, rtol=1e-4, atol=0)
+    monkeypatch.setattr(grad_norms, "RULE_WORK_BYTES", 1)  # one example at a time
+    torch.testing.assert_close(hook_grad_norms(model, inputs, targets, conv_rule=rule), expected, rtol=1e-4, atol=0)
+
+
+def test_conv_rule_is_timed_once_per_shape_and_profiled():
+    torch.manual_seed(8)
+    model = _with_nontrivial_batchnorm(models.build("resnet18", num_classes=3, width=4)).eval()
+    inputs, targets = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    profile: list[LayerTime] = []
+    got = hook_grad_norms(model, inputs, targets, profile=profile)
+    torch.testing.assert_close(got, reference_grand(model, inputs, targets), rtol=1e-4, atol=0)
+    convs = [t for t in profile if t.layer.startswith("Conv2d")]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert {t.rule for t in convs} <= set(CONV_RULES) and all(t.seconds >= 0 for t in profile)
+    chosen = {t.layer: t.rule for t in convs}
+    for _ in range(2):  # the cached choice stands: same rule for the same layer shape
+        again: list[LayerTime] = []
+        hook_grad_norms(model, inputs, targets, profile=again)
+        assert {t.layer: t.rule for t in again if t.layer in chosen} == chosen

@@ -134,3 +134,9 @@ def test_a_checkpoint_of_another_run_or_a_broken_one_is_set_aside(tmp_path, capl
     checkpoint.write_bytes(b"truncated")
     model = seeded_model(preset, ds, seed=1)
     assert train(model, ds, recipe, seed=1, checkpoint=checkpoint).epoch_losses == expected.epoch_losses
+
+
+def test_onecycle_never_exceeds_the_base_lr_even_in_a_very_short_run():
+    recipe = Recipe(schedule="onecycle", warmup=0.2)
+    for total in (1, 2, 3, 7):
+        assert max(lr_factor(recipe, s, total) for s in range(total)) <= 1.0

@@ -1,0 +1,46 @@
+"""The fast GPU presets: valid paper studies whose model and recipe train, checked on CPU without CIFAR files."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from datadiet_nb import models, presets
+from datadiet_nb.data import Dataset
+from datadiet_nb.train import train
+
+FAST_PRESETS = ("cifar10-resnet18-fast", "cifar100-resnet50-fast")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+IMAGE_SHAPE = (3, 32, 32)
+TINY_BATCH = 4  # one optimiser step on CPU: a batch this size, and exactly this many images
+
+
+def random_dataset(num_classes: int, num_images: int, seed: int = 0) -> Dataset:
+    """Random uint8 images of CIFAR's shape, labelled 0..num_classes-1, for both splits."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (num_images, *IMAGE_SHAPE), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, num_classes, (num_images,), generator=g)
+    return Dataset("random", images, labels, images, labels, tuple(map(str, range(num_classes))),
+                   (0.5,) * 3, (0.25,) * 3)
+
+
+@pytest.mark.parametrize("name", FAST_PRESETS)
+def test_fast_preset_is_the_paper_study_on_a_shorter_recipe(name):
+    preset = presets.get(name).validate()
+    assert preset.recipe.schedule == "onecycle" and preset.recipe.compile and preset.recipe.epochs <= 50
+    assert preset.scoring.num_runs == 10 and preset.seeds == (0, 1, 2) and preset.device == "auto"
+    assert preset.scores == presets.PRUNING_SCORES and preset.sparsities == presets.PAPER_SPARSITIES
+    assert preset.scoring.epoch / preset.recipe.epochs == pytest.approx(presets.PAPER_SCORING_FRACTION)
+
+
+@pytest.mark.parametrize("name", FAST_PRESETS)
+def test_fast_preset_model_trains_one_step_on_cpu(name):
+    preset = presets.get(name)
+    dataset = random_dataset(NUM_CLASSES[preset.dataset], TINY_BATCH)
+    torch.manual_seed(0)
+    model = models.build(preset.model, num_classes=dataset.num_classes, **preset.model_options)
+    before = [p.detach().clone() for p in model.parameters()]
+    recipe = dataclasses.replace(preset.recipe, epochs=1, batch_size=TINY_BATCH)
+    result = train(model, dataset, recipe, seed=0, device="cpu")
+    assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.epoch_losses)))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
