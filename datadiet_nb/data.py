@@ -216,27 +216,36 @@ def _load_imagefolder(spec: str) -> Dataset:
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"imagefolder path {path} does not exist")
-    tree = _extract_once(path) if path.is_file() else path
-    for split in ("train", "test"):
-        if not (tree / split).is_dir():
-            raise UserError(f"{path} has no {split}/ folder; an imagefolder dataset needs train/<class>/ and test/<class>/")
-    cache = data_root() / "arrays" / f"{path.stem}-{_fingerprint(tree)}.npz"
+    # Keyed by the source as given: a zip's own size and mtime, so a cached load never unpacks or walks the tree.
+    cache = data_root() / "arrays" / f"{path.stem}-{_fingerprint(path)}.npz"
     if cache.is_file():
         with np.load(cache) as arrays:
             train_x, train_y, test_x, test_y = (arrays[k] for k in ("train_x", "train_y", "test_x", "test_y"))
             classes = [str(c) for c in arrays["classes"]]
+            stats = (arrays["mean"], arrays["std"]) if "mean" in arrays.files else None
     else:
-        train_x, train_y, classes = _decode_split(tree / "train")
-        test_x, test_y, test_classes = _decode_split(tree / "test")
-        if classes != test_classes:
-            raise UserError(f"{path}: train classes {classes} differ from test classes {test_classes}")
-        if train_x.shape[1:] != test_x.shape[1:]:
-            raise UserError(f"{path}: train images are {train_x.shape[1:]}, test images {test_x.shape[1:]}")
-        write_arrays(cache, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=np.array(classes))
+        train_x, train_y, test_x, test_y, classes = _decode_tree(path, _extract_once(path) if path.is_file() else path)
+        stats = channel_stats(_as_nchw_uint8(train_x))
+        write_arrays(cache, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=np.array(classes),
+                     mean=np.array(stats[0]), std=np.array(stats[1]))
     train_images = _as_nchw_uint8(train_x)
-    mean, std = channel_stats(train_images)
+    mean, std = (tuple(float(v) for v in s) for s in stats) if stats is not None else channel_stats(train_images)
     return Dataset(f"{IMAGEFOLDER_PREFIX}{path.name}", train_images, torch.from_numpy(train_y),
                    _as_nchw_uint8(test_x), torch.from_numpy(test_y), tuple(classes), mean, std)
+
+
+def _decode_tree(path: Path, tree: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Decode ``tree``'s train/ and test/ splits (``path`` is what the user named, for messages)."""
+    for split in ("train", "test"):
+        if not (tree / split).is_dir():
+            raise UserError(f"{path} has no {split}/ folder; an imagefolder dataset needs train/<class>/ and test/<class>/")
+    train_x, train_y, classes = _decode_split(tree / "train")
+    test_x, test_y, test_classes = _decode_split(tree / "test")
+    if classes != test_classes:
+        raise UserError(f"{path}: train classes {classes} differ from test classes {test_classes}")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise UserError(f"{path}: train images are {train_x.shape[1:]}, test images {test_x.shape[1:]}")
+    return train_x, train_y, test_x, test_y, classes
 
 
 DATASETS: dict[str, Callable[[bool], Dataset]] = {

@@ -1,3 +1,4 @@
+import shutil
 import zipfile
 
 import numpy as np
@@ -65,6 +66,11 @@ def test_imagefolder_tree_and_zip_load_the_same_and_are_cached(tmp_path):
     # the second load reads the cached arrays: removing the extracted images does not matter
     cache = list((data.data_root() / "arrays").glob("tiny-*.npz"))
     assert len(cache) == 2
+    # a cached zip is neither unpacked nor walked again
+    shutil.rmtree(data.data_root() / "extracted")
+    again = data.load(f"imagefolder:{archive}")
+    assert torch.equal(again.train_images, from_tree.train_images) and again.mean == from_tree.mean
+    assert not (data.data_root() / "extracted").exists()
     from PIL import Image
     first = sorted((tree / "train" / "cat").glob("*.png"))[0]
     assert np.array_equal(np.asarray(Image.open(first)), from_tree.train_images[0].permute(1, 2, 0).numpy())
