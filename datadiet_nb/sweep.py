@@ -100,11 +100,12 @@ def status(preset: Preset, store: Store) -> list[tuple[Job, str, str]]:
     return [(job, *job_state(store, job, dataset.num_train)) for job in jobs(preset, dataset)]
 
 
-def _schedule(preset: Preset, store: Store, execute: Callable[[Job], None], *, extra_done: Callable[[Job], bool],
+def _schedule(preset: Preset, store: Store, execute: Callable[[Job], bool], *, extra_done: Callable[[Job], bool],
               retry_failed: bool, progress: bool) -> SweepOutcome:
     """Run every job that is not done, skipping (and coming back for) those another process holds.
 
-    ``execute`` computes one job (in this process or in a notebook); ``extra_done`` says whether
+    ``execute`` computes one job (in this process or in a notebook), or returns False when another
+    process is already on it; ``extra_done`` says whether
     the executor's own output for a stored job exists too (its executed notebook). A failed job
     is reported and the others go on; a user error (e.g. a full disk) stops the sweep.
     """
@@ -128,7 +129,9 @@ def _schedule(preset: Preset, store: Store, execute: Callable[[Job], None], *, e
                 continue
             elif state == "missing" or not extra_done(job):
                 bar.set_postfix_str(job.label)
-                _execute(execute, job, failures)
+                if not _execute(execute, job, failures):
+                    waiting.append(job)
+                    continue
             bar.update()
         if waiting and len(waiting) == len(todo):
             bar.set_postfix_str(f"waiting for {len(waiting)} jobs held by other processes")
@@ -139,10 +142,10 @@ def _schedule(preset: Preset, store: Store, execute: Callable[[Job], None], *, e
     return SweepOutcome([r for r in records if r is not None], failures)
 
 
-def _execute(execute: Callable[[Job], None], job: Job, failures: dict[str, str]) -> None:
-    """Run one job; a failure is noted (the sweep goes on), a user error ends the sweep."""
+def _execute(execute: Callable[[Job], bool], job: Job, failures: dict[str, str]) -> bool:
+    """Run one job (False: another process has it); a failure is noted (the sweep goes on), a user error ends the sweep."""
     try:
-        execute(job)
+        return execute(job)
     except (UserError, KeyboardInterrupt):
         raise
     except RunFailed as error:
@@ -151,17 +154,19 @@ def _execute(execute: Callable[[Job], None], job: Job, failures: dict[str, str])
     except Exception as error:  # not recorded in the store: a rerun tries the job again
         failures[job.label] = f"{type(error).__name__}: {error}"
         log.exception("%s failed unexpectedly", job.label)
+    return True
 
 
 def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
     """Run the whole grid in this process; stored runs are skipped, so this also just collects a finished sweep."""
     dataset = load_dataset(preset)
 
-    def execute(job: Job) -> None:
+    def execute(job: Job) -> bool:
         if job.spec is None:
             compute_scores(preset, dataset, store, progress=progress)
         else:
             train_run(preset, dataset, job.spec.score, job.spec.sparsity, job.spec.seed, store)
+        return True
 
     return _schedule(preset, store, execute, extra_done=lambda job: True, retry_failed=retry_failed,
                      progress=progress)
@@ -214,7 +219,17 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     def notebook(job: Job) -> Path:
         return folder / "scores.ipynb" if job.spec is None else folder / "train" / f"{job.spec.label}.ipynb"
 
-    def execute(job: Job) -> None:
+    def execute(job: Job) -> bool:
+        # The job itself is claimed inside the notebook's kernel; this claim stops a second sweep from
+        # starting a kernel for the same job in the seconds before that.
+        launch = store.try_claim(f"{job.key}-notebook")
+        if launch is None:
+            return False
+        with launch:
+            run_notebook(job)
+        return True
+
+    def run_notebook(job: Job) -> None:
         name, parameters = "scores", common
         if job.spec is not None:
             name = "train_sparse"

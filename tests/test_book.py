@@ -152,3 +152,17 @@ def test_browser_renders_the_index_and_loads_the_figures(book, tmp_path):
         assert (tmp_path / "results.png").stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_two_notebook_sweeps_on_one_store_run_each_job_once(tmp_path):
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    processes = [subprocess.Popen(SWEEP, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    errors = [p.communicate(timeout=900)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [e[-2000:] for e in errors]
+    events = [line.split() for line in (tmp_path / "runs" / "events.log").read_text().splitlines()]
+    started = [e[4] for e in events if e[3] == "start"]
+    assert len(started) == len(set(started)) == 5  # scores + 4 runs, each computed by one process only
+    assert len(list((tmp_path / "book" / "runs" / "digits" / "train").glob("*.ipynb"))) == 4
+    assert len(load_results(tmp_path / "runs")) == 4 * 10
