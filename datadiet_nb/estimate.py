@@ -7,19 +7,19 @@ examples it scores and the test images it evaluates, and multiplies each by its 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .data import Dataset
+from .data import Dataset, normalize
 from .experiment import seeded_model
+from .grad_norms import timed
 from .presets import Preset
 from .prune import num_kept
 from .provenance import device_name, resolve_device
 from .scores import SCORE_FUNCTIONS
 from .sweep import Job
-from .train import predict, steps_per_epoch, total_steps, train
+from .train import predict, run_steps, steps_per_epoch, train
 
 TIMED_STEPS = 3  # optimiser steps timed after one untimed warm-up step
 
@@ -34,16 +34,6 @@ class Costs:
     eval_example: float  # one test prediction
 
 
-def _timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
 def measure(preset: Preset, dataset: Dataset) -> Costs:
     """Time a few steps of each kind of work on the preset's device (seconds, about 5 steps' worth)."""
     device = resolve_device(preset.device)
@@ -51,15 +41,14 @@ def measure(preset: Preset, dataset: Dataset) -> Costs:
     batch = min(preset.recipe.batch_size, dataset.num_train)
     one_pass = dataclasses.replace(preset.recipe, epochs=1, budget="epochs")
     warm = torch.arange(batch)
-    timed = torch.arange(batch * TIMED_STEPS) % dataset.num_train
+    indices = torch.arange(batch * TIMED_STEPS) % dataset.num_train
     train(model, dataset, one_pass, seed=0, indices=warm, device=device)
-    steps = steps_per_epoch(len(timed), one_pass.batch_size)
-    train_step = _timed(lambda: train(model, dataset, one_pass, seed=0, indices=timed, device=device)) / steps
+    steps = steps_per_epoch(len(indices), one_pass.batch_size)
+    train_step = timed(lambda: train(model, dataset, one_pass, seed=0, indices=indices, device=device), device)[1] / steps
 
     model.eval()
     count = min(preset.scoring.batch_size, dataset.num_train)
-    inputs = ((dataset.train_images[:count].float() / 255 - torch.tensor(dataset.mean).view(1, -1, 1, 1))
-              / torch.tensor(dataset.std).view(1, -1, 1, 1)).to(device)
+    inputs = normalize(dataset.train_images[:count], torch.tensor(dataset.mean), torch.tensor(dataset.std)).to(device)
     labels = dataset.train_labels[:count]
 
     def score_all():
@@ -67,10 +56,10 @@ def measure(preset: Preset, dataset: Dataset) -> Costs:
             score(model, inputs, labels, batch_size=count)
 
     score_all()
-    score_example = _timed(score_all) / count
+    score_example = timed(score_all, device)[1] / count
     test = dataset.test_images[:min(preset.recipe.eval_batch_size, len(dataset.test_images))]
     predict(model, test, dataset, batch_size=len(test), device=device)
-    eval_example = _timed(lambda: predict(model, test, dataset, batch_size=len(test), device=device)) / max(1, len(test))
+    eval_example = timed(lambda: predict(model, test, dataset, batch_size=len(test), device=device), device)[1] / max(1, len(test))
     return Costs(device_name(device), train_step, score_example, eval_example)
 
 
@@ -78,9 +67,8 @@ def job_seconds(preset: Preset, dataset: Dataset, job: Job, costs: Costs) -> flo
     """Estimated seconds of one job of the sweep on the measured device."""
     full = dataset.num_train
     if job.spec is None:
-        scoring_steps = min(total_steps(preset.recipe, full, full), preset.scoring.epoch * steps_per_epoch(
-            full, preset.recipe.batch_size))
+        scoring_steps = run_steps(preset.recipe, full, full, stop_epoch=preset.scoring.epoch)
         return preset.scoring.num_runs * (scoring_steps * costs.train_step + full * costs.score_example)
     kept = num_kept(full, job.spec.sparsity)
-    steps = total_steps(preset.recipe, kept, full)
+    steps = run_steps(preset.recipe, kept, full)
     return steps * costs.train_step + len(dataset.test_labels) * costs.eval_example

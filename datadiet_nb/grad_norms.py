@@ -144,7 +144,7 @@ def _conv_op_counts(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict
     return {"materialise": c_out * fan_in * length, "ghost": length ** 2 * (fan_in + c_out)}
 
 
-def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
     """``fn()`` and its wall-clock seconds, waiting for the device's queued work on CUDA."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
@@ -169,7 +169,7 @@ def choose_conv_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> str
         fewer, more = sorted(counts, key=counts.get)
         choice = fewer
         if counts[more] <= TIMING_BAND * counts[fewer]:
-            seconds = {rule: min(_timed(lambda: _conv_weight_sq_norm(module, a, g, rule), a.device)[1]
+            seconds = {rule: min(timed(lambda: _conv_weight_sq_norm(module, a, g, rule), a.device)[1]
                                  for _ in range(TIMING_REPEATS)) for rule in counts}
             if seconds[more] * TIMING_MARGIN < seconds[fewer]:
                 choice = more
@@ -273,7 +273,7 @@ def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, conv_
             if profile is None:
                 value, _ = share()
             else:
-                (value, rule), seconds = _timed(share, x.device)
+                (value, rule), seconds = timed(share, x.device)
                 profile.append(LayerTime(describe_layer(module, a), rule, seconds))
             squared = squared + value
         output.register_hook(accumulate)

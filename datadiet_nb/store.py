@@ -16,7 +16,6 @@ old file. Every file is written to a temporary file in its folder, fsynced and r
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json

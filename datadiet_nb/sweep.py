@@ -18,6 +18,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .experiment import RunFailed, compute_scores, load_dataset, run_config, scores_config, train_run
+from .data import Dataset
 from .presets import DENSE, Preset
 from .errors import UserError
 from .scores import SCORES
@@ -100,7 +101,8 @@ def status(preset: Preset, store: Store) -> list[tuple[Job, str, str]]:
     return [(job, *job_state(store, job, dataset.num_train)) for job in jobs(preset, dataset)]
 
 
-def _schedule(preset: Preset, store: Store, execute: Callable[[Job], bool], *, extra_done: Callable[[Job], bool],
+def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[[Job], bool], *,
+              extra_done: Callable[[Job], bool],
               retry_failed: bool, progress: bool) -> SweepOutcome:
     """Run every job that is not done, skipping (and coming back for) those another process holds.
 
@@ -109,7 +111,6 @@ def _schedule(preset: Preset, store: Store, execute: Callable[[Job], bool], *, e
     the executor's own output for a stored job exists too (its executed notebook). A failed job
     is reported and the others go on; a user error (e.g. a full disk) stops the sweep.
     """
-    dataset = load_dataset(preset)
     todo = jobs(preset, dataset)
     scores = next((job for job in todo if job.spec is None), None)
     if retry_failed:
@@ -168,7 +169,7 @@ def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_fail
             train_run(preset, dataset, job.spec.score, job.spec.sparsity, job.spec.seed, store)
         return True
 
-    return _schedule(preset, store, execute, extra_done=lambda job: True, retry_failed=retry_failed,
+    return _schedule(preset, dataset, store, execute, extra_done=lambda job: True, retry_failed=retry_failed,
                      progress=progress)
 
 
@@ -244,7 +245,7 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
                 raise RunFailed(error.evalue) from None
             raise
 
-    outcome = _schedule(preset, store, execute, extra_done=lambda job: notebook(job).is_file(),
+    outcome = _schedule(preset, load_dataset(preset), store, execute, extra_done=lambda job: notebook(job).is_file(),
                         retry_failed=retry_failed, progress=progress)
     for name, path, parameters in (
             ("analysis", folder / "analysis.ipynb", {**common, "figures": str((folder / "figures").resolve())}),

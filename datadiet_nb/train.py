@@ -122,6 +122,12 @@ def total_steps(recipe: Recipe, num_subset: int, num_full: int) -> int:
     return recipe.epochs * steps_per_epoch(reference, recipe.batch_size)
 
 
+def run_steps(recipe: Recipe, num_subset: int, num_full: int, stop_epoch: int | None = None) -> int:
+    """Optimiser steps a run actually takes: the full budget, or up to pass ``stop_epoch`` (scoring runs)."""
+    total = total_steps(recipe, num_subset, num_full)
+    return total if stop_epoch is None else min(total, stop_epoch * steps_per_epoch(num_subset, recipe.batch_size))
+
+
 def lr_factor(recipe: Recipe, step: int, total: int) -> float:
     """Multiplier of the base lr at ``step`` of ``total`` (the whole schedule, even when stopped early)."""
     progress = step / max(1, total)
@@ -155,7 +161,7 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
 
     total = total_steps(recipe, len(indices), dataset.num_train)
     per_epoch = steps_per_epoch(len(indices), recipe.batch_size)
-    last_step = total if stop_epoch is None else min(total, stop_epoch * per_epoch)
+    last_step = run_steps(recipe, len(indices), dataset.num_train, stop_epoch)
 
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
     decay, no_decay = [], []

@@ -20,9 +20,9 @@ import pytest
 from datadiet_nb import claims, experiment, presets, store as store_module
 from datadiet_nb.cli import main
 from datadiet_nb.errors import UserError
-from datadiet_nb.experiment import RunFailed, compute_scores, load_dataset, train_run
+from datadiet_nb.experiment import compute_scores, load_dataset, train_run
 from datadiet_nb.results import load_results, summarize
-from datadiet_nb.store import Store, atomic_write_bytes, write_json
+from datadiet_nb.store import Store, write_json
 from datadiet_nb.sweep import jobs, run_sweep, status
 
 TINY_STUDY = """\
