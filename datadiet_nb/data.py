@@ -51,6 +51,8 @@ class Dataset:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    full: "Dataset | None" = None  # the dataset this one's training set was cut from (None: not a subset)
+    source_indices: torch.Tensor | None = None  # position of each training example in ``full``
 
     @property
     def num_classes(self) -> int:
@@ -72,7 +74,8 @@ class Dataset:
         keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(self.num_classes)]))
         index = torch.from_numpy(keep)
         return replace(self, name=f"{self.name}[{per_class}/class]",
-                       train_images=self.train_images[index], train_labels=self.train_labels[index])
+                       train_images=self.train_images[index], train_labels=self.train_labels[index],
+                       full=self, source_indices=index)
 
     def describe(self) -> dict:
         """What identifies this dataset in a config or a record."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Dataset, normalize
-from .experiment import seeded_model
+from .experiment import scored_dataset, scoring_recipe, seeded_model
 from .grad_norms import timed
 from .presets import Preset
 from .prune import num_kept
@@ -67,8 +67,11 @@ def job_seconds(preset: Preset, dataset: Dataset, job: Job, costs: Costs) -> flo
     """Estimated seconds of one job of the sweep on the measured device."""
     full = dataset.num_train
     if job.spec is None:
-        scoring_steps = run_steps(preset.recipe, full, full, stop_epoch=preset.scoring.epoch)
-        return preset.scoring.num_runs * (scoring_steps * costs.train_step + full * costs.score_example)
+        recipe, scored = scoring_recipe(preset), scored_dataset(preset, dataset).num_train
+        scoring_steps = run_steps(recipe, scored, scored, stop_epoch=preset.scoring.last_epoch)
+        step = costs.train_step * recipe.batch_size / preset.recipe.batch_size
+        trajectory = len(preset.scoring.trajectory) * scored * costs.eval_example  # EL2N: one forward pass
+        return preset.scoring.num_runs * (scoring_steps * step + scored * costs.score_example + trajectory)
     kept = num_kept(full, job.spec.sparsity)
     steps = run_steps(preset.recipe, kept, full)
     return steps * costs.train_step + len(dataset.test_labels) * costs.eval_example

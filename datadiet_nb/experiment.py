@@ -38,6 +38,16 @@ def load_dataset(preset: Preset) -> Dataset:
     return data.load(preset.dataset).with_train_per_class(preset.train_per_class)
 
 
+def scored_dataset(preset: Preset, dataset: Dataset) -> Dataset:
+    """The dataset whose training set is scored: the full one with ``scoring.full_train``, else ``dataset``."""
+    return dataset.full if preset.scoring.full_train and dataset.full is not None else dataset
+
+
+def scoring_recipe(preset: Preset):
+    """The recipe the scoring runs train with: the scoring's own, else the preset's."""
+    return preset.scoring.recipe or preset.recipe
+
+
 def seeded_model(preset: Preset, dataset: Dataset, seed: int) -> nn.Module:
     """The preset's model for this dataset, its initial weights drawn from ``seed``."""
     torch.manual_seed(seed)
@@ -45,15 +55,15 @@ def seeded_model(preset: Preset, dataset: Dataset, seed: int) -> nn.Module:
                         **preset.model_options)
 
 
-def _model_config(preset: Preset, dataset: Dataset) -> dict:
+def _model_config(preset: Preset, dataset: Dataset, recipe=None) -> dict:
     return {"dataset": dataset.describe(), "model": preset.model, "model_options": preset.model_options,
-            "recipe": dataclasses.asdict(preset.recipe), "code_version": CODE_VERSION}
+            "recipe": dataclasses.asdict(recipe or preset.recipe), "code_version": CODE_VERSION}
 
 
 def scores_config(preset: Preset, dataset: Dataset) -> dict:
     """Everything that determines a preset's scores (and so their store key)."""
-    return {**_model_config(preset, dataset), "scoring": dataclasses.asdict(preset.scoring),
-            "scoring_seeds": preset.scoring.seeds}
+    return {**_model_config(preset, scored_dataset(preset, dataset), scoring_recipe(preset)),
+            "scoring": dataclasses.asdict(preset.scoring), "scoring_seeds": preset.scoring.seeds}
 
 
 class RunFailed(RuntimeError):
@@ -99,43 +109,54 @@ def _produce(store: Store, key: str, what: str, load: Callable[[], T | None], ma
 
 
 def compute_scores(preset: Preset, dataset: Dataset, store: Store, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """EL2N and GraNd of every training example, mean over the K scoring runs (and each run's), cached.
+    """EL2N and GraNd of every example of the scored training set (:func:`scored_dataset`), cached.
 
-    Run k trains a fresh model with seed ``seed_offset + k`` for ``epoch`` epochs of the full
-    recipe, then scores the un-augmented training set in native order in eval mode. Each finished
-    scoring run is kept (and each one checkpointed while it trains), so an interrupted job resumes.
+    Run k trains a fresh model with seed ``seed_offset + k`` on the scoring recipe and takes each score
+    at its epoch (``scoring.epoch_of``) from the un-augmented training set in native order, in eval mode.
+    Arrays: ``el2n`` and ``grand`` (means over the K runs), ``<name>_runs`` (each run's, [K, N]) and
+    ``el2n_at<e>_runs`` for the trajectory epochs. Every score taken is kept at once (and every run
+    checkpointed while it trains), so an interrupted job resumes where it stopped.
     """
     config = scores_config(preset, dataset)
     key = config_key(config)
-    return _produce(store, key, "scores", lambda: store.load_scores(key, dataset.num_train),
-                    lambda: _score(preset, dataset, store, config, key, progress))
+    scored = scored_dataset(preset, dataset)
+    return _produce(store, key, "scores", lambda: store.load_scores(key, scored.num_train),
+                    lambda: _score(preset, scored, store, config, key, progress))
+
+
+def scores_wanted(preset: Preset) -> dict[int, list[str]]:
+    """Epoch -> names of the arrays taken at that epoch in each scoring run (scores and trajectory)."""
+    wanted: dict[int, list[str]] = {}
+    for name in SCORE_FUNCTIONS:
+        wanted.setdefault(preset.scoring.epoch_of(name), []).append(name)
+    for epoch in preset.scoring.trajectory:
+        wanted.setdefault(epoch, []).append(f"el2n_at{epoch}")
+    return wanted
 
 
 def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: str, progress: bool) -> dict:
     device = resolve_device(preset.device)
     started = time.perf_counter()
     inputs = data.normalize(dataset.train_images, torch.tensor(dataset.mean), torch.tensor(dataset.std))
-    per_run = {name: [] for name in SCORE_FUNCTIONS}
+    wanted = scores_wanted(preset)
+    names = [name for epoch in sorted(wanted) for name in wanted[epoch]]
+    per_run: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for seed in tqdm(preset.scoring.seeds, desc="scoring runs", disable=not progress):
         finished = store.checkpoint_path(f"{key}-seed{seed}.scores.npz")
-        scores = _read_finished_run(finished, dataset.num_train)
+        scores = _read_scores_file(finished, names, dataset.num_train)
         if scores is None:
-            model = seeded_model(preset, dataset, seed)
-            if preset.scoring.epoch > 0:
-                train(model, dataset, preset.recipe, seed=seed, device=device, stop_epoch=preset.scoring.epoch,
-                      progress=progress, checkpoint=store.checkpoint_path(f"{key}-seed{seed}.pt"),
-                      checkpoint_every=preset.checkpoint_epochs)
-            model.to(device)
-            scores = {name: score(model, inputs, dataset.train_labels, batch_size=preset.scoring.batch_size)
-                      .double().numpy() for name, score in SCORE_FUNCTIONS.items()}
+            scores = _scoring_run(preset, dataset, store, key, seed, inputs, wanted, device, progress)
             write_arrays(finished, **scores)
-            store.checkpoint_path(f"{key}-seed{seed}.pt").unlink(missing_ok=True)
-        for name in SCORE_FUNCTIONS:
+            for path in [store.checkpoint_path(f"{key}-seed{seed}.pt"),
+                         *(_epoch_file(store, key, seed, epoch) for epoch in wanted)]:
+                path.unlink(missing_ok=True)
+        for name in names:
             per_run[name].append(scores[name])
     arrays = {}
     for name, runs in per_run.items():
         arrays[f"{name}_runs"] = np.stack(runs)
-        arrays[name] = arrays[f"{name}_runs"].mean(0)
+        if name in SCORE_FUNCTIONS:
+            arrays[name] = arrays[f"{name}_runs"].mean(0)
     store.save_scores(key, {**config, "key": key, "seconds": time.perf_counter() - started,
                             "provenance": provenance(device)}, arrays)
     for seed in preset.scoring.seeds:
@@ -143,14 +164,46 @@ def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: st
     return store.load_scores(key, dataset.num_train)
 
 
-def _read_finished_run(path: Path, num_train: int) -> dict[str, np.ndarray] | None:
-    """One scoring run's scores kept from an interrupted job, if intact (written atomically, so they are)."""
+def _epoch_file(store: Store, key: str, seed: int, epoch: int) -> Path:
+    return store.checkpoint_path(f"{key}-seed{seed}-epoch{epoch}.scores.npz")
+
+
+def _scoring_run(preset: Preset, dataset: Dataset, store: Store, key: str, seed: int, inputs: torch.Tensor,
+                 wanted: dict[int, list[str]], device: torch.device, progress: bool) -> dict[str, np.ndarray]:
+    """One scoring run: train on the scoring recipe, taking (and saving) each wanted score at its epoch."""
+    model = seeded_model(preset, dataset, seed).to(device)
+
+    def take(epoch: int) -> None:
+        path = _epoch_file(store, key, seed, epoch)
+        if epoch in wanted and _read_scores_file(path, wanted[epoch], dataset.num_train) is None:
+            write_arrays(path, **{name: SCORE_FUNCTIONS[name.partition("_at")[0]](
+                model, inputs, dataset.train_labels, batch_size=preset.scoring.batch_size).double().numpy()
+                for name in wanted[epoch]})
+
+    take(0)
+    last = max(wanted)
+    if last > 0:
+        train(model, dataset, scoring_recipe(preset), seed=seed, device=device, stop_epoch=last, progress=progress,
+              checkpoint=store.checkpoint_path(f"{key}-seed{seed}.pt"), checkpoint_every=preset.checkpoint_epochs,
+              on_epoch=take)
+    scores: dict[str, np.ndarray] = {}
+    for epoch, names in wanted.items():
+        found = _read_scores_file(_epoch_file(store, key, seed, epoch), names, dataset.num_train)
+        if found is None:
+            raise RuntimeError(f"scoring run {seed} ended before epoch {epoch}: the scoring recipe trains "
+                               f"fewer epochs than the scores need")
+        scores.update(found)
+    return scores
+
+
+def _read_scores_file(path: Path, names: list[str], num_train: int) -> dict[str, np.ndarray] | None:
+    """Scores kept from an interrupted job, if complete (written atomically, so intact when present)."""
     try:
         scores = read_arrays(path)
     except (OSError, ValueError):
         return None
-    ok = all(name in scores and scores[name].shape == (num_train,) for name in SCORE_FUNCTIONS)
-    return scores if ok else None
+    ok = all(name in scores and scores[name].shape == (num_train,) for name in names)
+    return {name: scores[name] for name in names} if ok else None
 
 
 def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, seed: int, store: Store,
@@ -164,6 +217,8 @@ def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, 
     if score not in SCORE_FUNCTIONS:
         raise UserError(f"unknown score {score!r}; choose from {['random', *SCORE_FUNCTIONS]}")
     scores = compute_scores(preset, dataset, store, progress=progress)[score]
+    if len(scores) != dataset.num_train:  # scored on the full training set; this one is a subset of it
+        scores = scores[dataset.source_indices.numpy()]
     return select_indices(scores, sparsity, offset=preset.offset)
 
 
@@ -212,7 +267,7 @@ def _train_and_record(preset: Preset, dataset: Dataset, config: dict, key: str, 
         "overall_accuracy": overall_accuracy(predictions, labels),
         "class_accuracy": class_acc.tolist(),
         "keep_ratio": class_keep_ratio(dataset.train_labels.numpy(), kept, dataset.num_classes).tolist(),
-        "bias": bias_measures(class_acc), "predictions": predictions.tolist(),
+        "bias": bias_measures(class_acc), "predictions": predictions.tolist(), "test_labels": labels.tolist(),
         "train": dataclasses.asdict(fit), "seconds": time.perf_counter() - started,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "provenance": provenance(device),
         "full_preset": preset.to_dict(),

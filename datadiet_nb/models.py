@@ -56,6 +56,10 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -75,6 +79,10 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         out = torch.relu(self.bn2(self.conv2(out)))
@@ -89,10 +97,14 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet; ``width`` is the channel count of the first stage (64 in the standard model)."""
+    """CIFAR ResNet; ``width`` is the channel count of the first stage (64 in the standard model).
+
+    ``zero_init_residual`` starts the last BatchNorm scale of every block at 0, so each block begins as
+    the identity (Goyal et al. 2017); Data Diet's original ResNet-50 does this.
+    """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], blocks_per_stage: tuple[int, ...], *,
-                 num_classes: int, in_channels: int = 3, width: int = 64):
+                 num_classes: int, in_channels: int = 3, width: int = 64, zero_init_residual: bool = False):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         stages, in_planes = [], width
@@ -104,19 +116,24 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
+        if zero_init_residual:
+            for block_module in self.stages:
+                nn.init.zeros_(block_module.last_bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
 @register("resnet18")
-def resnet18(*, num_classes: int, in_channels: int = 3, width: int = 64) -> ResNet:
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width)
+def resnet18(*, num_classes: int, in_channels: int = 3, width: int = 64, zero_init_residual: bool = False) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width,
+                  zero_init_residual=zero_init_residual)
 
 
 @register("resnet50")
-def resnet50(*, num_classes: int, in_channels: int = 3, width: int = 64) -> ResNet:
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, width=width)
+def resnet50(*, num_classes: int, in_channels: int = 3, width: int = 64, zero_init_residual: bool = False) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, width=width,
+                  zero_init_residual=zero_init_residual)
 
 
 @register("smallcnn")

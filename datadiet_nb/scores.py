@@ -6,7 +6,7 @@ normalised), in their order: no shuffling and no dropped last batch, whatever th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -15,30 +15,60 @@ from torch import nn
 
 from .errors import UserError
 from .grad_norms import per_example_grad_norms
+from .train import Recipe
 
 SCORES = ("el2n", "grand")
+SCORE_NAMES = {"el2n": "EL2N", "grand": "GraNd"}
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """When and how often scores are taken: at epoch ``epoch`` (0 = initialisation), mean over ``num_runs``."""
+    """How scores are taken: K = ``num_runs`` scoring runs trained with ``recipe`` (None: the preset's
+    recipe), each score taken at its epoch (``epochs[score]``, else ``epoch``; 0 = initialisation), mean over runs.
+
+    ``trajectory`` adds epochs at which each run's EL2N is also recorded, to show how the ranking
+    settles (the stability section); ``full_train`` scores the whole training set even when the preset
+    trains on a class-balanced subset of it.
+    """
 
     epoch: int = 20
     num_runs: int = 10
     batch_size: int = 256
     seed_offset: int = 1000  # scoring run k uses seed seed_offset + k, apart from the final runs' seeds
+    recipe: Recipe | None = None
+    epochs: dict[str, int] = field(default_factory=dict)
+    trajectory: tuple[int, ...] = ()
+    full_train: bool = False
 
     @property
     def seeds(self) -> list[int]:
         return [self.seed_offset + k for k in range(self.num_runs)]
 
+    def epoch_of(self, score: str) -> int:
+        """The epoch at which ``score`` is taken."""
+        return self.epochs.get(score, self.epoch)
+
+    @property
+    def last_epoch(self) -> int:
+        """How far each scoring run trains: the latest epoch any score or the trajectory needs."""
+        return max([self.epoch_of(s) for s in SCORES] + list(self.trajectory))
+
+    def label(self, score: str) -> str:
+        """A score's name with its epoch, e.g. ``EL2N@20``; other rules (``random``) keep their name."""
+        return f"{SCORE_NAMES[score]}@{self.epoch_of(score)}" if score in SCORES else score
+
     def validate(self) -> None:
         if self.num_runs < 1:
             raise UserError(f"the number of scoring runs K must be >= 1, got {self.num_runs}")
-        if self.epoch < 0:
-            raise UserError(f"the scoring epoch t must be >= 0, got {self.epoch}")
+        unknown = sorted(set(self.epochs) - set(SCORES))
+        if unknown:
+            raise UserError(f"scoring.epochs names unknown score {unknown[0]!r}; choose from {list(SCORES)}")
+        if min([self.epoch, *self.epochs.values(), *self.trajectory]) < 0:
+            raise UserError("scoring epochs must be >= 0 (0 = at initialisation)")
         if self.batch_size < 1:
             raise UserError("scoring batch size must be >= 1")
+        if self.recipe is not None:
+            self.recipe.validate()
 
 
 def _batched_eval(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,

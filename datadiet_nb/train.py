@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from .store import atomic_write_bytes
 
 SCHEDULES = ("step", "onecycle", "cosine")
 BUDGETS = ("steps", "epochs")
+DECAY_RULES = ("weights", "all")
 CHECKPOINTS_PER_RUN = 10  # default checkpoint interval: about a tenth of the run's passes
 
 log = logging.getLogger("datadiet_nb")
@@ -40,6 +42,7 @@ class Recipe:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    decay: str = "weights"  # decay "weights" (parameters of 2+ dims) or "all" (BatchNorm and biases too, as Data Diet's code)
     schedule: str = "step"  # "step" | "onecycle" (linear warm-up, linear decay) | "cosine"
     milestones: tuple[float, ...] = (0.3, 0.6, 0.8)  # step: fractions of the run where lr *= gamma
     gamma: float = 0.2
@@ -56,6 +59,8 @@ class Recipe:
             raise UserError("batch sizes must be >= 1")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown lr schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.decay not in DECAY_RULES:
+            raise UserError(f"unknown weight-decay rule {self.decay!r}; choose one of {list(DECAY_RULES)}")
         if self.budget not in BUDGETS:
             raise UserError(f"unknown budget rule {self.budget!r}; choose one of {list(BUDGETS)}")
         if self.lr <= 0 or not 0 <= self.warmup < 1:
@@ -140,9 +145,19 @@ def lr_factor(recipe: Recipe, step: int, total: int) -> float:
     return max(0.0, (1 - progress) / (1 - recipe.warmup))
 
 
+def parameter_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """SGD parameter groups: every parameter decayed (``decay="all"``), or 1-D ones (BatchNorm, biases) exempt."""
+    params = list(model.parameters())
+    if recipe.decay == "all":
+        return [{"params": params, "weight_decay": recipe.weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indices: torch.Tensor | None = None,
           device: torch.device | str = "cpu", stop_epoch: int | None = None, progress: bool = False,
-          checkpoint: Path | None = None, checkpoint_every: int = 0) -> TrainResult:
+          checkpoint: Path | None = None, checkpoint_every: int = 0,
+          on_epoch: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` in place on ``dataset.train_images[indices]`` (all when None).
 
     ``stop_epoch`` ends the run after that many passes while keeping the full run's lr schedule
@@ -150,6 +165,8 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
     With ``checkpoint``, the whole training state is saved there every ``checkpoint_every`` passes
     (0: about every tenth of the run), and a run that finds one resumes from it; on CPU the result
     equals an uninterrupted run's bit for bit. The caller deletes it once the result is stored.
+    ``on_epoch(e)`` is called after each complete pass ``e`` (1, 2, ...), before that pass's checkpoint,
+    so whatever it saves survives an interruption (scoring runs score there).
     """
     recipe.validate()
     device = torch.device(device)
@@ -164,12 +181,8 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
     last_step = run_steps(recipe, len(indices), dataset.num_train, stop_epoch)
 
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    optimizer = torch.optim.SGD(parameter_groups(model, recipe), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, total))
     forward = torch.compile(model) if recipe.compile and cuda else model
     generator = torch.Generator().manual_seed(seed)
@@ -210,6 +223,8 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
             raise Diverged(f"training loss became {epoch_loss} at step {step} (seed {seed}, lr {recipe.lr})")
         result.epoch_losses.append(epoch_loss)
         result.epochs += batches / per_epoch
+        if on_epoch is not None and batches == per_epoch:
+            on_epoch(len(result.epoch_losses))
         if checkpoint is not None and step < last_step and len(result.epoch_losses) % every == 0:
             result.seconds = time.perf_counter() - started
             state.save(checkpoint, step, result)
@@ -221,7 +236,10 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, dataset: Dataset, *, batch_size: int = 1024,
             device: torch.device | str = "cpu") -> torch.Tensor:
-    """Predicted class of every image (uint8, normalised with the dataset's constants), in order, eval mode."""
+    """Predicted class of every image (uint8, normalised with the dataset's constants), in order, eval mode.
+
+    Always float32 (no autocast, also on CUDA): a borderline argmax must not flip with the precision.
+    """
     device = torch.device(device)
     mean, std = (torch.tensor(v, device=device) for v in (dataset.mean, dataset.std))
     was_training = model.training
@@ -229,7 +247,6 @@ def predict(model: nn.Module, images: torch.Tensor, dataset: Dataset, *, batch_s
     predictions = []
     for batch in batch_indices(len(images), batch_size):
         x = normalize(images[batch].to(device), mean, std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            predictions.append(model(x).argmax(1).cpu())
+        predictions.append(model(x).float().argmax(1).cpu())
     model.train(was_training)
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)

@@ -21,7 +21,7 @@ from datadiet_nb.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=2", "--set", "scoring.epoch=1",
-        "--set", "sparsities=0,0.5"]
+        "--set", "sparsities=0,0.5", "--set", "seeds=0,1"]
 FIGURES = ["accuracy", "class_accuracy_el2n", "best_worst", "class_std", "keep_ratio"]
 
 

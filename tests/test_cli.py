@@ -11,7 +11,7 @@ import pytest
 from datadiet_nb import presets
 from datadiet_nb.cli import main
 
-TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1"]
+TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1", "--set", "seeds=0"]
 
 
 def snapshot(*roots: Path) -> dict:

@@ -30,7 +30,18 @@ def test_fast_preset_is_the_paper_study_on_a_shorter_recipe(name):
     assert preset.recipe.schedule == "onecycle" and preset.recipe.compile and preset.recipe.epochs <= 50
     assert preset.scoring.num_runs == 10 and preset.seeds == (0, 1, 2) and preset.device == "auto"
     assert preset.scores == presets.PRUNING_SCORES and preset.sparsities == presets.PAPER_SPARSITIES
-    assert preset.scoring.epoch / preset.recipe.epochs == pytest.approx(presets.PAPER_SCORING_FRACTION)
+    # scores come from the paper's own scoring recipe (batch 128, lr 0.1, epoch 20, K = 10), not the fast one
+    scoring = preset.scoring.recipe
+    assert (scoring.batch_size, scoring.lr, scoring.epochs, scoring.schedule) == (128, 0.1, 200, "step")
+    assert preset.scoring.epoch_of("el2n") == preset.scoring.epoch_of("grand") == 20
+    assert preset.recipe.decay == scoring.decay == "all"
+
+
+@pytest.mark.parametrize("name", ["cifar10-resnet18", "cifar100-resnet50", *FAST_PRESETS])
+def test_paper_presets_decay_every_parameter_and_zero_init_resnet50(name):
+    preset = presets.get(name)
+    assert preset.recipe.decay == "all" and preset.scoring.recipe.decay == "all"
+    assert preset.model_options.get("zero_init_residual", False) == (preset.model == "resnet50")
 
 
 @pytest.mark.parametrize("name", FAST_PRESETS)

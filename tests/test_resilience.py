@@ -28,6 +28,7 @@ from datadiet_nb.sweep import jobs, run_sweep, status
 TINY_STUDY = """\
 base = "digits"
 sparsities = [0.0, 0.5]
+seeds = [0]
 checkpoint_epochs = 1
 [recipe]
 epochs = 4
@@ -266,7 +267,7 @@ def diverge_runs_of(score: str, monkeypatch) -> None:
 
 def test_a_diverged_run_is_recorded_as_failed_and_the_sweep_goes_on(tiny_digits, tmp_path, monkeypatch, capsys):
     study = tmp_path / "study.json"
-    study.write_text(json.dumps({"base": "digits", "sparsities": [0.0, 0.5], "recipe": {"epochs": 2},
+    study.write_text(json.dumps({"base": "digits", "sparsities": [0.0, 0.5], "seeds": [0], "recipe": {"epochs": 2},
                                  "scoring": {"num_runs": 1, "epoch": 1}}))
     diverge_runs_of("grand", monkeypatch)
     argv = ["sweep", "--preset", str(study), "--store", str(tmp_path / "runs"), "--executor", "inline", "--quiet"]

@@ -21,7 +21,7 @@ def test_scores_are_cached_and_a_changed_config_makes_a_new_key(tiny_digits, tmp
     monkeypatch.setattr(experiment, "train", lambda *a, **k: calls.append(1))
     again = compute_scores(tiny_digits, ds, store)
     assert calls == [] and np.array_equal(again["grand"], first["grand"])
-    changed = presets.with_overrides(tiny_digits, ["scoring.epoch=0"])  # t=0: scores at initialisation
+    changed = presets.with_overrides(tiny_digits, ["scoring.epoch=0", "scoring.trajectory="])  # t=0: no training
     at_init = compute_scores(changed, ds, store)
     assert calls == [] and not np.array_equal(at_init["el2n"], first["el2n"])
     assert len(list((tmp_path / "runs" / "scores").glob("*.npz"))) == 2
