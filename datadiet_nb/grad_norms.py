@@ -14,12 +14,21 @@ squared gradient norm is computed from them without forming the full per-example
   and beta's is sum_pixels g.
 
 The backward pass differentiates the summed loss with respect to the *input* only, so autograd
-skips every weight-gradient kernel. Models with other parameterised layers (or tied parameters)
-go to :func:`vmap_grad_norms`, the ``torch.func`` reference.
+skips every weight-gradient kernel.
+
+The rules are exact only when each parameter is used once, by its own layer's stock ``forward``, in
+the one functional call the rule assumes. That is checked twice: before (every parameter belongs,
+untied, to a supported layer, subclasses included, whose ``forward`` is not overridden) and during
+every forward (a :class:`~torch.overrides.TorchFunctionMode` sees every op that touches a parameter:
+it must be that layer's convolution / linear / batch-norm call, made while that layer runs, once).
+Anything else (a layer called twice, a weight used outside its layer, an overridden forward, other
+parameterised layers) goes to :func:`vmap_grad_norms`, the ``torch.func`` reference, with a warning.
+Scores are always taken in eval mode: a model handed over in train mode is switched for the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 GRAD_CHUNK_BYTES = 512 * 2**20  # memory allowed for materialised per-example gradients at once (vmap)
 RULE_WORK_BYTES = 64 * 2**20  # temporaries allowed for one conv rule at once: its batch is split to fit
@@ -37,15 +48,34 @@ TIMING_BAND = 10  # conv rules are timed only when their operation counts are wi
 TIMING_REPEATS = 3  # runs of each conv rule when timing it; the fastest counts
 TIMING_MARGIN = 1.2  # the rule with more operations is chosen only when timed this many times faster
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+# The one functional call through which each supported layer's stock forward uses its parameters.
+FUNCTIONAL = {nn.Linear: F.linear, nn.Conv2d: torch.conv2d, nn.BatchNorm2d: F.batch_norm}
+# Methods a subclass must not override for the rule to hold (its forward and what that forward calls).
+STOCK_METHODS = {nn.Linear: ("forward",), nn.Conv2d: ("forward", "_conv_forward"), nn.BatchNorm2d: ("forward",)}
 T = TypeVar("T")
 
 
+class NotExact(RuntimeError):
+    """The layer rules cannot account for every parameter of this model exactly (see the module docstring)."""
+
+
+def rule_type(module: nn.Module) -> type | None:
+    """The supported layer type whose rule applies to ``module`` (a subclass too, if it keeps the stock
+    forward), or None."""
+    for base in SUPPORTED:
+        if isinstance(module, base):
+            stock = all(getattr(type(module), name) is getattr(base, name) for name in STOCK_METHODS[base])
+            return base if stock else None
+    return None
+
+
 def _owner_is_supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
+    base = rule_type(module)
+    if base is nn.Conv2d:
         return module.groups == 1 and module.padding_mode == "zeros"
-    if isinstance(module, nn.BatchNorm2d):
+    if base is nn.BatchNorm2d:
         return module.track_running_stats and module.running_mean is not None
-    return isinstance(module, nn.Linear)
+    return base is nn.Linear
 
 
 def hook_rules_cover(model: nn.Module) -> bool:
@@ -57,6 +87,51 @@ def hook_rules_cover(model: nn.Module) -> bool:
             if not _owner_is_supported(module):
                 return False
     return all(count == 1 for count in owners.values())
+
+
+class ParameterUse(TorchFunctionMode):
+    """Watches one forward pass: every op touching a parameter must be its own layer's functional call,
+    made while that layer runs; each layer must run once. ``problems`` names what broke the rule."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.owner = {id(p): layer for layer in layers for p in layer.parameters(recurse=False)}
+        self.running: list[nn.Module] = []
+        self.calls = {id(layer): 0 for layer in layers}
+        self.problems: list[str] = []
+
+    def enter(self, module: nn.Module) -> None:
+        self.running.append(module)
+        self.calls[id(module)] += 1
+        if self.calls[id(module)] == 2:
+            self.problems.append(f"{type(module).__name__} is called more than once in one forward")
+
+    def leave(self, module: nn.Module) -> None:
+        self.running.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in tree_leaves((args, kwargs)):
+            layer = self.owner.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if layer is None:
+                continue
+            current = self.running[-1] if self.running else None
+            if current is not layer or func is not FUNCTIONAL[rule_type(layer)]:
+                name = getattr(func, "__name__", str(func))
+                self.problems.append(f"a parameter of {type(layer).__name__} is used by {name} "
+                                     f"{'outside its layer' if current is not layer else 'in its layer'}")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block (BatchNorm on running statistics, no dropout), then as before."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -250,7 +325,8 @@ def _layer_sq_norm(module: nn.Module, a: torch.Tensor, g: torch.Tensor, conv_rul
     if isinstance(module, nn.Conv2d):
         rule = conv_rule or choose_conv_rule(module, a, g)
         return _conv_sq_norm(module, a, g, rule), rule
-    return RULES[type(module)](module, a, g), type(module).__name__
+    base = rule_type(module)
+    return RULES[base](module, a, g), base.__name__
 
 
 def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, conv_rule: str | None = None,
@@ -278,12 +354,22 @@ def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, conv_
             squared = squared + value
         output.register_hook(accumulate)
 
-    handles = [module.register_forward_hook(on_forward) for module in model.modules()
-               if type(module) in SUPPORTED and any(True for _ in module.parameters(recurse=False))]
+    layers = [module for module in model.modules()
+              if rule_type(module) is not None and any(True for _ in module.parameters(recurse=False))]
+    use = ParameterUse(layers)
+    handles = [handle for layer in layers for handle in (
+        layer.register_forward_pre_hook(lambda module, args: use.enter(module)),
+        layer.register_forward_hook(lambda module, args, output: use.leave(module)),
+        layer.register_forward_hook(on_forward))]
     try:
-        x = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(model(x).float(), y, reduction="sum")  # examples do not interact in eval mode
-        torch.autograd.grad(loss, x)
+        with eval_mode(model):
+            x = x.detach().requires_grad_(True)
+            with use:
+                logits = model(x)
+            if use.problems:
+                raise NotExact(use.problems[0])
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")  # examples do not interact in eval mode
+            torch.autograd.grad(loss, x)
     finally:
         for handle in handles:
             handle.remove()
@@ -304,9 +390,18 @@ def vmap_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 
 
 def per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Exact per-example gradient norms: the hook rules when they cover the model, else torch.func."""
+    """Exact per-example gradient norms in eval mode: the hook rules when they account for every
+    parameter exactly, else torch.func with a warning that says why."""
+    reason = None
     if hook_rules_cover(model):
-        return hook_grad_norms(model, x, y)
-    warnings.warn(f"{type(model).__name__} has layers without an exact per-example rule "
-                  f"(rules: {[t.__name__ for t in SUPPORTED]}); using torch.func vmap(grad)", stacklevel=2)
-    return vmap_grad_norms(model, x, y)
+        try:
+            return hook_grad_norms(model, x, y)
+        except NotExact as error:
+            reason = str(error)
+    else:
+        reason = f"it has parameters outside the layers with an exact rule ({[t.__name__ for t in SUPPORTED]}, " \
+                 f"stock forward, untied)"
+    warnings.warn(f"{type(model).__name__}: {reason}; GraNd falls back to torch.func vmap(grad) (exact, slower)",
+                  stacklevel=2)
+    with eval_mode(model):
+        return vmap_grad_norms(model, x, y)
