@@ -40,14 +40,16 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from .experiment import compute_scores, load_dataset
+    from .experiment import compute_scores, load_dataset, scored_dataset
 
     preset = _preset(args)
     dataset = load_dataset(preset)
     scores = compute_scores(preset, dataset, _store(args), progress=not args.quiet)
+    dataset = scored_dataset(preset, dataset)
     labels = dataset.train_labels.numpy()
+    epochs = ", ".join(preset.scoring.label(name) for name in ("el2n", "grand"))
     print(f"{dataset.name}: {dataset.num_train} training examples, K={preset.scoring.num_runs} runs "
-          f"at epoch t={preset.scoring.epoch}; mean score per class:")
+          f"({epochs}); mean score per class:")
     print(f"{'class':>16s} {'el2n':>8s} {'grand':>8s}")
     for index, name in enumerate(dataset.classes):
         mask = labels == index
@@ -133,14 +135,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _dry_run(preset: Preset, store) -> int:
     """Print the jobs a sweep would run and their estimated time, from a short timed warm-up on this device."""
     from .estimate import job_seconds, measure
-    from .experiment import load_dataset
+    from .experiment import load_dataset, scored_dataset
     from .sweep import jobs, job_state
 
     dataset = load_dataset(preset)
     costs = measure(preset, dataset)
     total, todo = 0.0, 0
     for job in jobs(preset, dataset):
-        state, _ = job_state(store, job, dataset.num_train)
+        state, _ = job_state(store, job, scored_dataset(preset, dataset).num_train)
         seconds = job_seconds(preset, dataset, job, costs)
         if state != "done":
             total, todo = total + seconds, todo + 1

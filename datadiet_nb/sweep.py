@@ -17,7 +17,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .experiment import RunFailed, compute_scores, load_dataset, run_config, scores_config, train_run
+from .experiment import (RunFailed, compute_scores, load_dataset, run_config, scored_dataset, scores_config,
+                         train_run)
 from .data import Dataset
 from .presets import DENSE, Preset
 from .errors import UserError
@@ -78,9 +79,10 @@ def jobs(preset: Preset, dataset) -> list[Job]:
     return result
 
 
-def job_state(store: Store, job: Job, num_train: int) -> tuple[str, str]:
-    """(``done`` | ``failed`` | ``running`` | ``missing``, detail) of one job in the store."""
-    stored = store.load_scores(job.key, num_train) if job.spec is None else store.load_run(job.key)
+def job_state(store: Store, job: Job, num_scored: int) -> tuple[str, str]:
+    """(``done`` | ``failed`` | ``running`` | ``missing``, detail) of one job in the store
+    (``num_scored``: the examples the scores cover, see :func:`~.experiment.scored_dataset`)."""
+    stored = store.load_scores(job.key, num_scored) if job.spec is None else store.load_run(job.key)
     if stored is not None:
         return "done", ""
     failure = store.load_failure(job.key)
@@ -98,7 +100,8 @@ def job_state(store: Store, job: Job, num_train: int) -> tuple[str, str]:
 def status(preset: Preset, store: Store) -> list[tuple[Job, str, str]]:
     """Every job of the preset with its state and detail."""
     dataset = load_dataset(preset)
-    return [(job, *job_state(store, job, dataset.num_train)) for job in jobs(preset, dataset)]
+    num_scored = scored_dataset(preset, dataset).num_train
+    return [(job, *job_state(store, job, num_scored)) for job in jobs(preset, dataset)]
 
 
 def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[[Job], bool], *,
@@ -112,6 +115,7 @@ def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[
     is reported and the others go on; a user error (e.g. a full disk) stops the sweep.
     """
     todo = jobs(preset, dataset)
+    num_scored = scored_dataset(preset, dataset).num_train
     scores = next((job for job in todo if job.spec is None), None)
     if retry_failed:
         for job in todo:
@@ -121,8 +125,8 @@ def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[
     while todo:
         waiting = []
         for job in todo:
-            state, detail = job_state(store, job, dataset.num_train)
-            needed = job_state(store, scores, dataset.num_train)[0] if job.needs_scores and state != "done" else "done"
+            state, detail = job_state(store, job, num_scored)
+            needed = job_state(store, scores, num_scored)[0] if job.needs_scores and state != "done" else "done"
             if state == "failed" or needed == "failed":
                 failures[job.label] = detail or "its scores failed"
             elif state == "running" or needed == "running":

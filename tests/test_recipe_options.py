@@ -107,3 +107,14 @@ def test_full_train_scoring_scores_the_whole_set_and_prunes_within_the_subset(ti
     kept = experiment.kept_indices(preset, dataset, "el2n", 0.5, 0, Store(tmp_path))
     subset_scores = scores["el2n"][dataset.source_indices.numpy()]
     assert len(kept) == 100 and subset_scores[kept].min() >= np.delete(subset_scores, kept).max()
+
+
+def test_a_sweep_on_a_subset_with_full_set_scores_sees_its_scores_done(tiny_digits, tmp_path):
+    from datadiet_nb.sweep import run_sweep, status
+    preset = presets.with_overrides(tiny_digits, ["train_per_class=20", "scoring.full_train=true",
+                                                  "scoring.trajectory=", "scores=el2n"])
+    store = Store(tmp_path)
+    outcome = run_sweep(preset, store, progress=False)
+    assert not outcome.failures and len(outcome.records) == 2
+    assert {state for _, state, _ in status(preset, store)} == {"done"}
+    assert not (tmp_path / "corrupt").exists(), "full-set scores are not mistaken for corrupt ones"
