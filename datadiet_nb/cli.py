@@ -102,7 +102,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
-    from .results import format_table, keep_ratio_table, load_results, summarize
+    from .report import score_labels, summary_table
+    from .results import format_table, keep_ratio_table, load_results
     from .store import check_writable
     from .sweep import run_sweep, run_sweep_notebooks
 
@@ -121,7 +122,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{preset.name}: {len(outcome.records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
     if outcome.records:
         results = load_results(store, keys=[r["key"] for r in outcome.records])
-        print(format_table(summarize(results)))
+        print(summary_table(results, score_labels(preset)).to_string())
         print("\nclass keep ratio:")
         print(format_table(keep_ratio_table(results)))
     if outcome.failures:

@@ -6,6 +6,7 @@ import pandas as pd
 
 from .presets import DENSE, PRUNING_SCORES, Preset
 from .results import summarize
+from .scores import SCORES
 from .store import Store
 
 HEADLINE_SPARSITY = 0.5
@@ -22,6 +23,11 @@ def pruning_scores(results: pd.DataFrame) -> list[str]:
     return [s for s in PRUNING_SCORES if s in set(results["score"])]
 
 
+def score_labels(preset: Preset) -> dict[str, str]:
+    """Display names of the scores with their scoring epoch (``EL2N@20``), as figures and tables show them."""
+    return {DENSE: "Dense", "random": "Random", **{s: preset.scoring.label(s) for s in SCORES}}
+
+
 def _nearest(results: pd.DataFrame, score: str, target: float) -> float | None:
     sparsities = results.loc[results["score"] == score, "sparsity"].unique()
     return None if len(sparsities) == 0 else float(min(sparsities, key=lambda s: abs(s - target)))
@@ -31,38 +37,79 @@ def _percent(value: float) -> GlueText:
     return GlueText(f"{100 * value:.1f} %")
 
 
-def headline_numbers(results: pd.DataFrame) -> dict[str, GlueText]:
-    """Dense accuracy and spread, worst dense class, and per score the accuracy, spread and most-kept classes
-    at 50 % sparsity (or the nearest sparsity run, which the text then names)."""
+def with_interval(row: pd.Series, name: str) -> GlueText:
+    """``62.7 % (95 % CI 61.8–63.5)`` from a summary row's value and its ``_lo`` / ``_hi``."""
+    return GlueText(f"{100 * row[name]:.1f} % (95 % CI {100 * row[name + '_lo']:.1f}–{100 * row[name + '_hi']:.1f})")
+
+
+def p_value(p: float) -> GlueText:
+    """A p-value as the text quotes it; n/a where the test cannot be made (fewer than two paired seeds)."""
+    if p != p:
+        return GlueText("n/a (fewer than two paired seeds)")
+    return GlueText(f"p = {p:.3f}" if p >= 0.001 else "p < 0.001")
+
+
+def std_verdict(p: float, alpha: float = 0.05) -> GlueText:
+    """What the paired test lets the text say about 'spread below dense', and nothing more."""
+    if p != p:
+        return GlueText("cannot be tested (fewer than two paired seeds)")
+    return GlueText("is lower than dense" if p < alpha else "is not shown to be lower than dense")
+
+
+def headline_numbers(results: pd.DataFrame, summary: pd.DataFrame | None = None) -> dict[str, GlueText]:
+    """The numbers the text quotes, each from the records with its 95 % interval: dense accuracy and spread,
+    the worst dense class, and per score at 50 % sparsity (or the nearest sparsity run, which the text then
+    names) the accuracy, the spread (raw and corrected), the paired test against dense and the most-kept classes."""
+    summary = summarize(results) if summary is None else summary
     runs = results.drop_duplicates("key")
-    dense = runs[runs["score"] == DENSE]
+    dense = summary[summary["score"] == DENSE]
     dense_classes = results[results["score"] == DENSE].groupby("class")["class_accuracy"].mean()
+    na = GlueText("n/a")
     numbers = {
-        "dense_accuracy": _percent(dense["overall_accuracy"].mean()) if len(dense) else GlueText("n/a"),
-        "dense_class_std": _percent(dense["class_std"].mean()) if len(dense) else GlueText("n/a"),
+        "dense_accuracy": with_interval(dense.iloc[0], "overall_accuracy") if len(dense) else na,
+        "dense_class_std": with_interval(dense.iloc[0], "class_std") if len(dense) else na,
+        "dense_class_std_corrected": with_interval(dense.iloc[0], "class_std_corrected") if len(dense) else na,
         "dense_worst_class": GlueText(f"{dense_classes.idxmin()} ({_percent(dense_classes.min())})")
-        if len(dense_classes) else GlueText("n/a"),
+        if len(dense_classes) else na,
         "num_runs": GlueText(str(len(runs))),
+        "num_seeds": GlueText(str(runs["seed"].nunique())),
     }
     for score in PRUNING_SCORES:
         sparsity = _nearest(results, score, HEADLINE_SPARSITY)
         where = "" if sparsity in (None, HEADLINE_SPARSITY) else f" (at sparsity {sparsity:g})"
-        at = runs[(runs["score"] == score) & (runs["sparsity"] == sparsity)]
+        at = summary[(summary["score"] == score) & (summary["sparsity"] == sparsity)]
         keep = results[(results["score"] == score) & (results["sparsity"] == sparsity)]
         top = keep.groupby("class")["keep_ratio"].mean().sort_values(ascending=False).head(2)
-        numbers[f"{score}_accuracy_50"] = (GlueText(_percent(at["overall_accuracy"].mean()) + where)
-                                           if len(at) else GlueText("n/a"))
-        numbers[f"{score}_class_std_50"] = (GlueText(_percent(at["class_std"].mean()) + where)
-                                            if len(at) else GlueText("n/a"))
+        row = at.iloc[0] if len(at) else None
+        numbers[f"{score}_accuracy_50"] = GlueText(with_interval(row, "overall_accuracy") + where) if row is not None else na
+        numbers[f"{score}_class_std_50"] = GlueText(with_interval(row, "class_std") + where) if row is not None else na
+        numbers[f"{score}_class_std_corrected_50"] = (GlueText(with_interval(row, "class_std_corrected") + where)
+                                                      if row is not None else na)
+        numbers[f"{score}_std_p_50"] = p_value(row["std_below_dense_p"]) if row is not None else na
+        numbers[f"{score}_std_verdict_50"] = std_verdict(row["std_below_dense_p"]) if row is not None else na
         numbers[f"{score}_top_keep_classes"] = (GlueText(" and ".join(f"{c} ({r:.2f})" for c, r in top.items()) + where)
-                                                if len(top) else GlueText("n/a"))
+                                                if len(top) else na)
     return numbers
 
 
-def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Sparsity x score: overall accuracy, std of class accuracy, worst class (mean over seeds)."""
-    table = summarize(results)
-    return table.set_index(["sparsity", "score"]).round(4)
+def summary_table(results: pd.DataFrame, labels: dict[str, str] | None = None,
+                  summary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Sparsity x score, each number with its 95 % interval: overall accuracy, std of class accuracy (raw and
+    corrected for test noise), worst class accuracy and class, the paired-test p-value, seeds."""
+    table = summarize(results) if summary is None else summary
+    labels = labels or {}
+
+    def cell(row: pd.Series, name: str) -> str:
+        return f"{row[name]:.3f} [{row[name + '_lo']:.3f}, {row[name + '_hi']:.3f}]"
+
+    rows = [{"sparsity": row["sparsity"], "score": labels.get(row["score"], row["score"]),
+             "accuracy": cell(row, "overall_accuracy"), "class std": cell(row, "class_std"),
+             "class std (corrected)": cell(row, "class_std_corrected"),
+             "worst class acc.": cell(row, "worst_class_accuracy"), "worst class": row["worst_class"],
+             "p (std < dense)": "-" if row["std_below_dense_p"] != row["std_below_dense_p"]
+             else f"{row['std_below_dense_p']:.3f}", "seeds": int(row["num_seeds"])}
+            for _, row in table.iterrows()]
+    return pd.DataFrame(rows).set_index(["sparsity", "score"])
 
 
 def run_table(record: dict) -> pd.DataFrame:

@@ -8,6 +8,9 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from . import stats
+from .errors import UserError
+from .presets import DENSE
 from .store import Store
 
 CONFIG_COLUMNS = ["preset", "dataset", "model", "score", "sparsity", "offset", "seed"]
@@ -15,7 +18,8 @@ CONFIG_COLUMNS = ["preset", "dataset", "model", "score", "sparsity", "offset", "
 
 def load_results(store: str | os.PathLike | Store, keys: Iterable[str] | None = None) -> pd.DataFrame:
     """One row per (run, class): the run's config columns, ``class``, ``class_accuracy``, ``keep_ratio``,
-    ``overall_accuracy``, plus ``class_index``, ``class_std`` (std of the run's class accuracies) and ``key``.
+    ``overall_accuracy``, plus ``class_index``, ``class_std`` (std of the run's class accuracies), ``key``
+    and ``correct`` (which of the class's test images the run got right, in test-set order: for the bootstrap).
 
     ``keys`` restricts the table to those runs (e.g. the records a sweep returned)."""
     store = store if isinstance(store, Store) else Store(store)
@@ -26,26 +30,69 @@ def load_results(store: str | os.PathLike | Store, keys: Iterable[str] | None = 
                "score": record["score"], "sparsity": record["sparsity"], "offset": record["offset"],
                "seed": record["seed"], "overall_accuracy": record["overall_accuracy"],
                "class_std": record["bias"]["std"], "key": record["key"]}
+        labels = np.asarray(record.get("test_labels", []), dtype=np.int64)
+        hits = np.asarray(record["predictions"], dtype=np.int64) == labels if len(labels) else None
         for index, name in enumerate(record["classes"]):
             rows.append({**run, "class": name, "class_index": index,
-                         "class_accuracy": record["class_accuracy"][index], "keep_ratio": record["keep_ratio"][index]})
+                         "class_accuracy": record["class_accuracy"][index], "keep_ratio": record["keep_ratio"][index],
+                         "correct": None if hits is None else hits[labels == index]})
     columns = CONFIG_COLUMNS + ["class", "class_index", "class_accuracy", "keep_ratio", "overall_accuracy",
-                                "class_std", "key"]
+                                "class_std", "key", "correct"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (score, sparsity), averaged over seeds: overall accuracy, std of class accuracy, worst class."""
-    runs = results.groupby("key").agg(score=("score", "first"), sparsity=("sparsity", "first"),
-                                      seed=("seed", "first"), overall_accuracy=("overall_accuracy", "first"),
-                                      class_std=("class_std", "first"), worst_class_accuracy=("class_accuracy", "min"))
-    worst = results.loc[results.groupby("key")["class_accuracy"].idxmin(), ["key", "class"]].set_index("key")
-    runs = runs.join(worst.rename(columns={"class": "worst_class"}))
-    table = runs.groupby(["score", "sparsity"]).agg(
-        seeds=("seed", "nunique"), accuracy=("overall_accuracy", "mean"), accuracy_sd=("overall_accuracy", "std"),
-        class_std=("class_std", "mean"), worst_class_accuracy=("worst_class_accuracy", "mean"),
-        worst_class=("worst_class", lambda s: s.mode().iloc[0]))
-    return table.reset_index().sort_values(["sparsity", "score"], ignore_index=True)
+SUMMARY_STATISTICS = stats.RUN_STATISTICS
+
+
+def _groups(results: pd.DataFrame):
+    """(score, sparsity, runs of that point sorted by seed and class) for every point of the grid."""
+    for (score, sparsity), group in results.groupby(["score", "sparsity"], sort=False):
+        yield score, sparsity, group.sort_values(["seed", "class_index"])
+
+
+def _correct(runs: pd.DataFrame) -> list[np.ndarray]:
+    """Per class, the [runs, n_c] hits of every run of one grid point (the bootstrap's input)."""
+    if runs["correct"].isna().any():
+        raise UserError("some run records predate per-example test results (datadiet-nb < 0.2); "
+                        "run the sweep again to record them")
+    return [np.stack(list(per_class["correct"])) for _, per_class in runs.groupby("class_index")]
+
+
+def summarize(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES) -> pd.DataFrame:
+    """One row per (score, sparsity): mean over seeds and 95 % bootstrap interval (``_lo``, ``_hi``) of the overall
+    accuracy, the std of class accuracies (raw, and ``class_std_corrected`` for test-set noise) and the worst class
+    accuracy; ``worst_class`` (the most frequent worst class), ``num_seeds``, and ``std_below_dense_p``: the one-sided
+    paired t-test (pruned vs dense run of the same seed) that the class std is below dense (NaN for the dense row
+    or with fewer than two paired seeds). See :mod:`datadiet_nb.stats` for the method."""
+    per_run = results.drop_duplicates("key").set_index(["score", "seed"])
+    dense_std = per_run.loc[DENSE, "class_std"] if DENSE in per_run.index.get_level_values(0) else pd.Series(dtype=float)
+    rows = []
+    for score, sparsity, runs in _groups(results):
+        row = {k: v for k, v in stats.summarize_group(_correct(runs), samples=samples).items()
+               if not k.startswith("class_") or k.startswith(("class_std",))}
+        worst = runs.loc[runs.groupby("key")["class_accuracy"].idxmin(), "class"]
+        seeds = sorted(runs["seed"].unique())
+        paired = [s for s in seeds if s in dense_std.index]
+        p = float("nan") if score == DENSE else stats.paired_below_p(
+            per_run.loc[[(score, s) for s in paired]].query("sparsity == @sparsity")["class_std"].to_numpy(),
+            dense_std.loc[paired].to_numpy())
+        rows.append({"score": score, "sparsity": sparsity, **row, "worst_class": worst.mode().iloc[0],
+                     "std_below_dense_p": p, "num_seeds": len(seeds)})
+    table = pd.DataFrame(rows)
+    return table.sort_values(["sparsity", "score"], ignore_index=True)
+
+
+def class_summary(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES) -> pd.DataFrame:
+    """One row per (score, sparsity, class): the class's test accuracy, mean over seeds, with its 95 % interval."""
+    names = results.drop_duplicates("class_index").set_index("class_index")["class"]
+    rows = []
+    for score, sparsity, runs in _groups(results):
+        summary = stats.summarize_group(_correct(runs), samples=samples)
+        for index, name in names.items():
+            rows.append({"score": score, "sparsity": sparsity, "class": name, "class_index": index,
+                         "class_accuracy": summary[f"class_{index}"], "class_accuracy_lo": summary[f"class_{index}_lo"],
+                         "class_accuracy_hi": summary[f"class_{index}_hi"]})
+    return pd.DataFrame(rows).sort_values(["sparsity", "score", "class_index"], ignore_index=True)
 
 
 def keep_ratio_table(results: pd.DataFrame) -> pd.DataFrame:

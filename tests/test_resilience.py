@@ -51,7 +51,7 @@ def sweep_command(preset: Path, store: Path) -> list[str]:
 
 
 def table(store: Path) -> pd.DataFrame:
-    return summarize(load_results(store)).drop(columns=["accuracy_sd"])
+    return summarize(load_results(store))
 
 
 def predictions_by_key(store: Path) -> dict:

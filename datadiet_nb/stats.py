@@ -1,0 +1,104 @@
+"""Uncertainty of the study's numbers: bootstrap intervals over seeds and test examples, the spread of
+class accuracies corrected for test-set noise, and the paired test of "spread below dense".
+
+Method (also in the book's method chapter): a bootstrap replicate draws the seeds with replacement and,
+independently, the test examples with replacement *within each class* (the same draw for every run, since
+all runs share one test set); each run's statistic is recomputed on the drawn examples and averaged over the
+drawn seeds. The 95 % interval is the 2.5th to 97.5th percentile of :data:`BOOTSTRAP_SAMPLES` replicates.
+With few seeds the seed part of the interval is optimistic: read every interval with its seed count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+BOOTSTRAP_SAMPLES = 1000
+CONFIDENCE = 0.95
+BOOTSTRAP_SEED = 0  # the bootstrap is seeded: the same records give the same intervals
+RUN_STATISTICS = ("overall_accuracy", "class_std", "class_std_corrected", "worst_class_accuracy")
+
+
+def corrected_std(class_acc: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
+    """Population std of class accuracies less the binomial test noise: sqrt(max(0, s^2 - mean_c p_c(1-p_c)/n_c)).
+
+    ``class_acc``: [..., C]; the noise a class of n_c test images adds to the observed variance is p_c(1-p_c)/n_c.
+    """
+    acc = np.asarray(class_acc, dtype=np.float64)
+    noise = (acc * (1 - acc) / np.asarray(class_sizes, dtype=np.float64)).mean(-1)
+    return np.sqrt(np.maximum(0.0, acc.var(-1) - noise))
+
+
+def run_statistics(class_acc: np.ndarray, class_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """Per run (rows of ``class_acc`` [..., C]): overall accuracy, class std (raw and corrected), worst class."""
+    acc = np.asarray(class_acc, dtype=np.float64)
+    sizes = np.asarray(class_sizes, dtype=np.float64)
+    return {"overall_accuracy": (acc * sizes).sum(-1) / sizes.sum(), "class_std": acc.std(-1),
+            "class_std_corrected": corrected_std(acc, sizes), "worst_class_accuracy": acc.min(-1)}
+
+
+def bootstrap_class_accuracy(correct: list[np.ndarray], *, samples: int = BOOTSTRAP_SAMPLES,
+                             rng: np.random.Generator) -> np.ndarray:
+    """Class accuracies of every run on ``samples`` resampled test sets: [samples, runs, classes].
+
+    ``correct[c]`` is a [runs, n_c] boolean array: which of class c's test images each run got right.
+    Test images are drawn with replacement within each class, the same draw for every run.
+    """
+    runs = correct[0].shape[0]
+    out = np.empty((samples, runs, len(correct)))
+    for c, hits in enumerate(correct):
+        n = hits.shape[1]
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=samples)  # how often each image is drawn
+        out[:, :, c] = counts @ hits.T.astype(np.float64) / n
+    return out
+
+
+def interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The central percentile interval of bootstrap replicates."""
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def seed_means(per_run: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per replicate, the mean over seeds drawn with replacement: ``per_run`` [samples, runs] -> [samples]."""
+    samples, runs = per_run.shape
+    drawn = rng.integers(runs, size=(samples, runs))
+    return np.take_along_axis(per_run, drawn, axis=1).mean(1)
+
+
+def summarize_group(correct: list[np.ndarray], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
+                    ) -> dict[str, float]:
+    """Mean over runs and 95 % interval of each run statistic, and of each class's accuracy (``class_<c>``)."""
+    rng = np.random.default_rng(seed)
+    sizes = np.array([hits.shape[1] for hits in correct])
+    observed = np.stack([hits.mean(1) for hits in correct], axis=1)  # [runs, classes]
+    replicates = bootstrap_class_accuracy(correct, samples=samples, rng=rng)
+    row: dict[str, float] = {}
+    point, boot = run_statistics(observed, sizes), run_statistics(replicates, sizes)
+    for name in RUN_STATISTICS:
+        row[name] = float(point[name].mean())
+        row[f"{name}_lo"], row[f"{name}_hi"] = interval(seed_means(boot[name], rng))
+    for c in range(len(correct)):
+        row[f"class_{c}"] = float(observed[:, c].mean())
+        row[f"class_{c}_lo"], row[f"class_{c}_hi"] = interval(seed_means(replicates[:, :, c], rng))
+    return row
+
+
+def paired_below_p(pruned: np.ndarray, dense: np.ndarray) -> float:
+    """One-sided paired t-test that ``pruned`` is below ``dense`` (pairs: runs of the same seed); NaN with
+    fewer than two pairs or no spread in the differences."""
+    pruned, dense = np.asarray(pruned, dtype=np.float64), np.asarray(dense, dtype=np.float64)
+    if len(pruned) < 2 or np.ptp(pruned - dense) == 0:
+        return float("nan")
+    return float(scipy_stats.ttest_rel(pruned, dense, alternative="less").pvalue)
+
+
+def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean and Student-t interval of a few independent values (e.g. K scoring runs); NaN bounds for one."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = scipy_stats.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half

@@ -1,0 +1,100 @@
+"""Intervals, the noise-corrected spread and the paired test, against hand computations and simulations."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from datadiet_nb import stats
+from datadiet_nb.results import class_summary, summarize
+
+
+def frame(hits: dict[tuple[str, float, int], list[np.ndarray]]) -> pd.DataFrame:
+    """A results table (as load_results makes it) from per-run, per-class hit vectors."""
+    rows = []
+    for (score, sparsity, seed), per_class in hits.items():
+        acc = np.array([h.mean() for h in per_class])
+        overall = np.concatenate(per_class).mean()
+        for c, h in enumerate(per_class):
+            rows.append({"preset": "t", "dataset": "t", "model": "m", "score": score, "sparsity": sparsity,
+                         "offset": 0.0, "seed": seed, "class": f"c{c}", "class_index": c, "class_accuracy": acc[c],
+                         "keep_ratio": 1.0, "overall_accuracy": overall, "class_std": acc.std(),
+                         "key": f"{score}-{sparsity}-{seed}", "correct": h})
+    return pd.DataFrame(rows)
+
+
+def hits_with(accuracies, n, rng):
+    return [rng.random(n) < p for p in accuracies]
+
+
+def test_corrected_std_by_hand():
+    acc, sizes = np.array([0.9, 0.5, 0.7]), np.array([100, 100, 50])
+    noise = (0.9 * 0.1 / 100 + 0.5 * 0.5 / 100 + 0.7 * 0.3 / 50) / 3
+    assert stats.corrected_std(acc, sizes) == pytest.approx(np.sqrt(acc.var() - noise))
+    # equal accuracies: the observed spread is all noise, and the correction does not go below zero
+    assert stats.corrected_std(np.array([0.5, 0.52]), np.array([10, 10])) == 0.0
+
+
+def test_summary_means_spread_worst_class_and_seed_count_by_hand():
+    rng = np.random.default_rng(0)
+    hits = {("dense", 0.0, s): hits_with([0.9, 0.6, 0.8], 200, rng) for s in (0, 1, 2)}
+    hits |= {("el2n", 0.5, s): hits_with([0.85, 0.75, 0.8], 200, rng) for s in (0, 1, 2)}
+    table = summarize(frame(hits), samples=200).set_index("score")
+    for score in ("dense", "el2n"):
+        runs = [np.array([h.mean() for h in hits[(score, 0.5 if score == "el2n" else 0.0, s)]]) for s in (0, 1, 2)]
+        row = table.loc[score]
+        assert row["overall_accuracy"] == pytest.approx(np.mean([r.mean() for r in runs]))  # equal class sizes
+        assert row["class_std"] == pytest.approx(np.mean([r.std() for r in runs]))
+        assert row["class_std_corrected"] == pytest.approx(np.mean([stats.corrected_std(r, [200] * 3) for r in runs]))
+        assert row["worst_class_accuracy"] == pytest.approx(np.mean([r.min() for r in runs]))
+        assert row["num_seeds"] == 3 and row["worst_class"] == "c1"
+        for name in stats.RUN_STATISTICS:
+            assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"]
+    dense_std = [np.array([h.mean() for h in hits[("dense", 0.0, s)]]).std() for s in (0, 1, 2)]
+    el2n_std = [np.array([h.mean() for h in hits[("el2n", 0.5, s)]]).std() for s in (0, 1, 2)]
+    expected = scipy_stats.ttest_rel(el2n_std, dense_std, alternative="less").pvalue
+    assert table.loc["el2n", "std_below_dense_p"] == pytest.approx(expected)
+    assert np.isnan(table.loc["dense", "std_below_dense_p"])
+    assert expected < 0.05, "a clearly smaller spread is detected"
+
+
+def test_the_paired_test_pairs_runs_by_seed():
+    """Dense spread varies a lot by seed; each pruned run is its seed's dense spread minus a little:
+    paired, that is significant; unpaired (shuffled seeds) it would not be."""
+    dense = np.array([0.05, 0.15, 0.30, 0.10])
+    pruned = dense - np.array([0.010, 0.012, 0.009, 0.011])
+    assert stats.paired_below_p(pruned, dense) < 0.001
+    assert stats.paired_below_p(pruned[::-1], dense) > 0.05
+    assert np.isnan(stats.paired_below_p(pruned[:1], dense[:1]))
+
+
+def test_a_perfect_model_has_a_zero_width_interval_and_per_class_rows():
+    hits = {("dense", 0.0, s): [np.ones(50, bool), np.ones(30, bool)] for s in (0, 1)}
+    row = summarize(frame(hits), samples=100).iloc[0]
+    assert row["overall_accuracy_lo"] == row["overall_accuracy_hi"] == 1.0 and row["class_std_hi"] == 0.0
+    classes = class_summary(frame(hits), samples=100)
+    assert list(classes["class"]) == ["c0", "c1"] and (classes["class_accuracy_lo"] == 1.0).all()
+
+
+def test_the_interval_covers_the_truth_about_95_percent_of_the_time():
+    """Simulated studies as the real ones are: one test set shared by every run, each image with its own
+    difficulty (drawn around its class's accuracy), each seed's model a little better or worse. The 95 %
+    interval of the overall accuracy should contain the expected accuracy in roughly 95 % of studies."""
+    rng = np.random.default_rng(1)
+    truth = np.array([0.9, 0.7, 0.5, 0.8])
+    covered, trials = 0, 150
+    for trial in range(trials):
+        difficulty = [rng.beta(2 * t, 2 * (1 - t), size=150) for t in truth]  # mean t per class
+        hits = {}
+        for seed in range(5):
+            shift = rng.normal(0, 0.02)
+            hits[("dense", 0.0, seed)] = [rng.random(150) < np.clip(d + shift, 0, 1) for d in difficulty]
+        row = summarize(frame(hits), samples=300).iloc[0]
+        covered += row["overall_accuracy_lo"] <= truth.mean() <= row["overall_accuracy_hi"]
+    assert 0.85 <= covered / trials <= 0.99, covered / trials
+
+
+def test_bootstrap_is_reproducible():
+    rng = np.random.default_rng(2)
+    hits = {("dense", 0.0, s): hits_with([0.6, 0.7], 40, rng) for s in (0, 1)}
+    assert summarize(frame(hits), samples=50).equals(summarize(frame(hits), samples=50))
