@@ -1,3 +1,4 @@
+import json
 """The command line: a digits sweep end to end, and one-line errors that change nothing on disk."""
 
 import hashlib
@@ -25,9 +26,13 @@ def test_digits_sweep_prints_the_results_tables(tmp_path, capsys):
     assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", "--executor", "inline", *TINY,
                  "--set", "sparsities=0,0.5,0.9"]) == 0
     out = capsys.readouterr().out
-    for text in ("accuracy", "class_std", "worst_class", "class keep ratio", "el2n", "grand", "random", "dense"):
+    for text in ("accuracy", "class std (corrected)", "worst class", "p (std < dense)", "class keep ratio",
+                 "EL2N@1", "GraNd@1", "Random", "Dense"):
         assert text in out
-    assert len(list((store / "runs").glob("*.json"))) == 7
+    records = [json.loads(p.read_text()) for p in (store / "runs").glob("*.json")]
+    assert len(records) == 7
+    for record in records:  # one seed: each printed accuracy is the record's, with its interval beside it
+        assert f"{record['overall_accuracy']:.3f} [" in out
     # a second sweep finds everything stored and trains nothing
     before = snapshot(store)
     assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", "--executor", "inline", *TINY,

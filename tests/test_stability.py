@@ -1,0 +1,54 @@
+"""Score-stability measures on hand-made scores."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from datadiet_nb import stability
+
+
+def test_pairwise_spearman_and_agreement_curve():
+    base = np.arange(100, dtype=float)
+    rng = np.random.default_rng(0)
+    identical = np.stack([base] * 4)
+    assert stability.mean_pairwise_spearman(identical) == pytest.approx(1.0)
+    assert np.isnan(stability.mean_pairwise_spearman(identical[:1]))
+    noisy = np.stack([base + rng.normal(0, 30, 100) for _ in range(6)])
+    curve = stability.agreement_curve(noisy)
+    assert list(curve["k"]) == [1, 2, 3, 4, 5]
+    assert curve["spearman"].is_monotonic_increasing and curve["spearman"].iloc[-1] < 1.0
+    reversed_runs = np.stack([base, -base])
+    assert stability.mean_pairwise_spearman(reversed_runs) == pytest.approx(-1.0)
+
+
+def test_keep_ratio_over_runs_by_hand():
+    labels = np.array([0, 0, 1, 1])
+    runs = np.array([[4.0, 3.0, 2.0, 1.0],   # keeps both of class 0
+                     [4.0, 1.0, 3.0, 2.0]])  # keeps one of each
+    table = stability.keep_ratio_over_runs(runs, labels, 0.5, ["a", "b"]).set_index("class")
+    assert table.loc["a", "run_mean"] == pytest.approx(0.75) and table.loc["b", "run_mean"] == pytest.approx(0.25)
+    assert (table.loc["a", "run_min"], table.loc["a", "run_max"]) == (0.5, 1.0)
+    assert table.loc["a", "run_lo"] < 0.5 and table.loc["a", "run_hi"] > 1.0  # two runs: a wide t-interval
+    # the study prunes with the mean score [4, 2, 2.5, 1.5]: keeps examples 0 and 2
+    assert table.loc["a", "keep_ratio"] == 0.5 and table.loc["b", "keep_ratio"] == 0.5
+
+
+def test_keep_ratio_by_epoch_reads_the_trajectory():
+    labels = np.array([0, 0, 1, 1])
+    early = np.array([[1.0, 2.0, 3.0, 4.0]] * 2)
+    late = np.array([[4.0, 3.0, 2.0, 1.0]] * 2)
+    scores = {"el2n_at1_runs": early, "el2n_runs": late, "el2n": late.mean(0)}
+    table = stability.keep_ratio_by_epoch(scores, 3, labels, 0.5, ["a", "b"])
+    ratio = table.set_index(["epoch", "class"])["keep_ratio"]
+    assert ratio[(1, "b")] == 1.0 and ratio[(3, "a")] == 1.0 and sorted(table["epoch"].unique()) == [1, 3]
+
+
+def test_grand_at_init_vs_input_norm_is_high_for_a_linear_model_at_init():
+    """For a linear softmax model with near-zero weights, GraNd ~ sqrt(||x||^2 + 1) * ||p - y||: ranks by norm."""
+    torch.manual_seed(0)
+    model = nn.Linear(20, 3)
+    nn.init.normal_(model.weight, std=1e-4)
+    nn.init.zeros_(model.bias)
+    inputs = torch.randn(50, 20) * torch.rand(50, 1) * 5
+    assert stability.grand_at_init_vs_input_norm(model, inputs, torch.randint(0, 3, (50,))) > 0.99
