@@ -26,7 +26,7 @@ from .presets import DENSE, PRUNING_SCORES, Preset
 from .provenance import provenance, resolve_device
 from .prune import check_sparsity, class_keep_ratio, random_indices, select_indices
 from .scores import SCORE_FUNCTIONS
-from .store import WAIT_POLL_S, Store, config_key, read_arrays, write_arrays
+from .store import WAIT_POLL_S, Store, config_key, read_arrays, read_json, write_arrays, write_json
 from .train import Diverged, predict, train
 
 T = TypeVar("T")
@@ -64,6 +64,56 @@ def scores_config(preset: Preset, dataset: Dataset) -> dict:
     """Everything that determines a preset's scores (and so their store key)."""
     return {**_model_config(preset, scored_dataset(preset, dataset), scoring_recipe(preset)),
             "scoring": dataclasses.asdict(preset.scoring), "scoring_seeds": preset.scoring.seeds}
+
+
+VALIDATION_FRACTION = 0.1  # of each class's training examples, held out to rank classes without the test set
+
+
+def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices, ascending: ``fraction`` of each class drawn at random with ``seed``."""
+    rng = np.random.default_rng(seed)
+    held = [rng.choice(np.flatnonzero(labels == c), size=max(1, round(fraction * np.sum(labels == c))), replace=False)
+            for c in np.unique(labels)]
+    validation = np.sort(np.concatenate(held)).astype(np.int64)
+    return np.setdiff1d(np.arange(len(labels)), validation).astype(np.int64), validation
+
+
+def validation_config(preset: Preset, dataset: Dataset) -> dict:
+    """Everything that determines the validation class ranking (and so its store key)."""
+    return {**_model_config(preset, dataset), "validation_fraction": VALIDATION_FRACTION,
+            "seed": preset.seeds[0]}
+
+
+def validation_class_accuracy(preset: Preset, dataset: Dataset, store: Store, *, progress: bool = False) -> np.ndarray:
+    """Each class's accuracy on a validation split of the training set, of a dense model trained on the rest.
+
+    This ranks classes (e.g. the best and worst of Fig 4) without touching the test set, so the classes
+    chosen are not the ones whose test accuracy happened to come out low (regression to the mean). Cached.
+    """
+    config = validation_config(preset, dataset)
+    key = config_key(config)
+    path = store.root / "validation" / f"{key}.json"
+
+    def load() -> np.ndarray | None:
+        try:
+            return np.asarray(read_json(path)["class_accuracy"], dtype=np.float64)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def make() -> np.ndarray:
+        device = resolve_device(preset.device)
+        train_idx, val_idx = validation_split(dataset.train_labels.numpy(), VALIDATION_FRACTION, config["seed"])
+        model = seeded_model(preset, dataset, config["seed"])
+        train(model, dataset, preset.recipe, seed=config["seed"], indices=torch.from_numpy(train_idx),
+              device=device, progress=progress)
+        predictions = predict(model, dataset.train_images[val_idx], dataset, device=device,
+                              batch_size=preset.recipe.eval_batch_size).numpy()
+        accuracy = class_accuracy(predictions, dataset.train_labels.numpy()[val_idx], dataset.num_classes)
+        write_json(path, {**config, "key": key, "class_accuracy": accuracy.tolist(),
+                          "num_validation": int(len(val_idx)), "provenance": provenance(device)})
+        return accuracy
+
+    return _produce(store, key, "validation ranking", load, make)
 
 
 class RunFailed(RuntimeError):

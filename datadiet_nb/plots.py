@@ -1,7 +1,8 @@
 """The paper's figures, one function each: a results DataFrame (``load_results``) in, a Figure out.
 
-Lines are means over seeds with a band of one standard deviation where there are several seeds.
-The dense run (sparsity 0) starts every score's line and is drawn as a dashed reference.
+Lines are means over seeds; bands are the 95 % bootstrap intervals of :mod:`datadiet_nb.stats` (over seeds
+and test images), the same numbers as the summary table. The dense run (sparsity 0) starts every score's
+line and is drawn as a dashed reference. ``labels`` maps scores to their display names (``EL2N@20``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ import pandas as pd
 import seaborn as sns
 
 from .presets import DENSE, PRUNING_SCORES
+from .results import class_summary, summarize
 from .store import atomic_write_bytes
 
 SCORE_LABELS = {"el2n": "EL2N", "grand": "GraNd", "random": "Random", DENSE: "Dense"}
 SCORE_ORDER = list(PRUNING_SCORES)
 FIGSIZE = (6.4, 4.0)
 MANY_CLASSES = 20  # above this, per-class line plots get no legend
-
-
-def per_run(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: score, sparsity, seed, overall accuracy and std of its class accuracies."""
-    return results.drop_duplicates("key")[["score", "sparsity", "seed", "overall_accuracy", "class_std", "key"]]
+BAND_ALPHA = 0.15
 
 
 def with_dense_start(frame: pd.DataFrame) -> pd.DataFrame:
@@ -35,87 +33,149 @@ def with_dense_start(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([frame[frame["score"] != DENSE], *copies], ignore_index=True)
 
 
-def _score_lines(ax, runs: pd.DataFrame, value: str) -> None:
-    data = with_dense_start(runs).assign(Score=lambda d: d["score"].map(SCORE_LABELS))
-    order = [SCORE_LABELS[s] for s in SCORE_ORDER if s in set(data["score"])]
-    sns.lineplot(data=data, x="sparsity", y=value, hue="Score", hue_order=order, style="Score",
-                 markers=True, dashes=False, errorbar="sd", ax=ax)
-    dense = runs.loc[runs["score"] == DENSE, value]
+def _bands(ax, frame: pd.DataFrame, group: str, value: str, order: list, names: dict, colors) -> None:
+    """One line per ``group`` (mean, with markers) and its 95 % interval band (``value_lo``/``value_hi``)."""
+    for item, color in zip(order, colors):
+        part = frame[frame[group] == item].sort_values("sparsity")
+        ax.plot(part["sparsity"], part[value], marker="o", markersize=4, color=color, label=names.get(item, item))
+        ax.fill_between(part["sparsity"], part[f"{value}_lo"], part[f"{value}_hi"], color=color, alpha=BAND_ALPHA,
+                        linewidth=0)
+
+
+def _score_lines(ax, summary: pd.DataFrame, value: str, labels: dict[str, str]) -> None:
+    frame = with_dense_start(summary)
+    order = [s for s in SCORE_ORDER if s in set(frame["score"])]
+    _bands(ax, frame, "score", value, order, labels, sns.color_palette(n_colors=len(order)))
+    dense = summary.loc[summary["score"] == DENSE, value]
     if len(dense):
         ax.axhline(dense.mean(), color="0.4", linestyle="--", linewidth=1, label="Dense")
     ax.legend()
     ax.set_xlabel("Data sparsity (fraction of training data removed)")
 
 
-def _per_score_figure(results: pd.DataFrame, value: str, ylabel: str, title: str) -> plt.Figure:
+def _per_score_figure(results: pd.DataFrame, value: str, ylabel: str, title: str, labels: dict | None,
+                      summary: pd.DataFrame | None) -> plt.Figure:
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    _score_lines(ax, per_run(results), value)
+    _score_lines(ax, summarize(results) if summary is None else summary, value, {**SCORE_LABELS, **(labels or {})})
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
     return fig
 
 
-def accuracy_vs_sparsity(results: pd.DataFrame, title: str = "") -> plt.Figure:
+def accuracy_vs_sparsity(results: pd.DataFrame, title: str = "", *, labels: dict | None = None,
+                         summary: pd.DataFrame | None = None) -> plt.Figure:
     """Overall test accuracy against sparsity, one line per score (paper Figs 1-2)."""
-    return _per_score_figure(results, "overall_accuracy", "Test accuracy", title or "Test accuracy vs data sparsity")
+    return _per_score_figure(results, "overall_accuracy", "Test accuracy", title or "Test accuracy vs data sparsity",
+                             labels, summary)
 
 
-def class_std_vs_sparsity(results: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Standard deviation of the per-class test accuracies against sparsity (paper Fig 5)."""
-    return _per_score_figure(results, "class_std", "Std of class-wise test accuracy",
-                             title or "Spread of class accuracies vs data sparsity")
-
-
-def _class_lines(ax, frame: pd.DataFrame, value: str, classes: list[str]) -> None:
-    sns.lineplot(data=frame[frame["class"].isin(classes)], x="sparsity", y=value, hue="class",
-                 hue_order=classes, marker="o", errorbar=None, ax=ax,
-                 palette=sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes)),
-                 legend=len(classes) <= MANY_CLASSES)
-    if len(classes) <= MANY_CLASSES:
-        ax.legend(title="class", fontsize="small", ncol=2 if len(classes) > 5 else 1)
-    ax.set_xlabel("Data sparsity")
+def class_std_vs_sparsity(results: pd.DataFrame, title: str = "", *, corrected: bool = False,
+                          labels: dict | None = None, summary: pd.DataFrame | None = None) -> plt.Figure:
+    """Standard deviation of the per-class test accuracies against sparsity (paper Fig 5); ``corrected``: less
+    the binomial test-set noise."""
+    value = "class_std_corrected" if corrected else "class_std"
+    ylabel = "Std of class-wise test accuracy" + (" (noise-corrected)" if corrected else "")
+    return _per_score_figure(results, value, ylabel, title or "Spread of class accuracies vs data sparsity",
+                             labels, summary)
 
 
 def _class_order(results: pd.DataFrame) -> list[str]:
     return list(results.drop_duplicates("class").sort_values("class_index")["class"])
 
 
-def _per_class_figure(results: pd.DataFrame, score: str, value: str, ylabel: str, title: str) -> plt.Figure:
+def _class_legend(ax, classes: list[str]) -> None:
+    if len(classes) <= MANY_CLASSES:
+        ax.legend(title="class", fontsize="small", ncol=2 if len(classes) > 5 else 1)
+    ax.set_xlabel("Data sparsity")
+
+
+def _palette(classes: list[str]):
+    return sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes))
+
+
+def _class_accuracy_lines(ax, per_class: pd.DataFrame, score: str, classes: list[str]) -> None:
+    frame = with_dense_start(per_class).query("score == @score")
+    _bands(ax, frame, "class", "class_accuracy", classes, {}, _palette(classes))
+    _class_legend(ax, classes)
+
+
+def class_accuracy_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: str = "", *,
+                               labels: dict | None = None, per_class: pd.DataFrame | None = None) -> plt.Figure:
+    """Test accuracy of each class against sparsity for one score, one line (and band) per class (paper Fig 3)."""
+    labels = {**SCORE_LABELS, **(labels or {})}
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    _class_lines(ax, with_dense_start(results).query("score == @score"), value, _class_order(results))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _class_accuracy_lines(ax, class_summary(results) if per_class is None else per_class, score, _class_order(results))
+    ax.set_ylabel("Class test accuracy")
+    ax.set_title(title or f"Class-wise test accuracy, {labels[score]} pruning")
     fig.tight_layout()
     return fig
 
 
-def class_accuracy_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: str = "") -> plt.Figure:
-    """Test accuracy of each class against sparsity for one score, one line per class (paper Fig 3)."""
-    return _per_class_figure(results, score, "class_accuracy", "Class test accuracy",
-                             title or f"Class-wise test accuracy, {SCORE_LABELS[score]} pruning")
-
-
-def best_worst_classes(results: pd.DataFrame, score: str = "el2n", n: int = 10, title: str = "") -> plt.Figure:
-    """Accuracy against sparsity of the n best and n worst classes of the dense model (paper Fig 4)."""
-    dense = results[results["score"] == DENSE].groupby("class")["class_accuracy"].mean().sort_values()
-    n = min(n, len(dense) // 2)
-    worst, best = list(dense.index[:n]), list(dense.index[::-1][:n])
-    frame = with_dense_start(results).query("score == @score")
+def best_worst_classes(results: pd.DataFrame, ranking: pd.Series, score: str = "el2n", n: int = 10, title: str = "",
+                       *, labels: dict | None = None, per_class: pd.DataFrame | None = None) -> plt.Figure:
+    """Accuracy against sparsity of the n best and n worst classes (paper Fig 4), chosen by ``ranking``
+    (class -> accuracy on data not used for the curves, e.g. a validation split of the training set)."""
+    labels = {**SCORE_LABELS, **(labels or {})}
+    ranking = ranking.sort_values()
+    n = min(n, len(ranking) // 2)
+    worst, best = list(ranking.index[:n]), list(ranking.index[::-1][:n])
+    per_class = class_summary(results) if per_class is None else per_class
     fig, axes = plt.subplots(1, 2, figsize=(2 * FIGSIZE[0], FIGSIZE[1]), sharey=True)
     for ax, classes, name in ((axes[0], best, "best"), (axes[1], worst, "worst")):
-        _class_lines(ax, frame, "class_accuracy", classes)
-        ax.set_title(f"{n} {name} classes of the dense model")
+        _class_accuracy_lines(ax, per_class, score, classes)
+        ax.set_title(f"{n} {name} classes on the validation split")
     axes[0].set_ylabel("Class test accuracy")
-    fig.suptitle(title or f"Best and worst classes, {SCORE_LABELS[score]} pruning")
+    fig.suptitle(title or f"Best and worst classes, {labels[score]} pruning")
     fig.tight_layout()
     return fig
 
 
-def keep_ratio_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: str = "") -> plt.Figure:
-    """Class-wise data keep ratio against sparsity for one score, one line per class (paper Fig 6)."""
-    return _per_class_figure(results, score, "keep_ratio", "Class keep ratio",
-                             title or f"Class-wise data keep ratio, {SCORE_LABELS[score]} pruning")
+def keep_ratio_vs_sparsity(results: pd.DataFrame, score: str = "el2n", title: str = "", *,
+                           labels: dict | None = None) -> plt.Figure:
+    """Class-wise data keep ratio against sparsity for one score, one line per class (paper Fig 6); bands:
+    the spread over seeds (none for a score, whose kept set is the same for every seed)."""
+    labels = {**SCORE_LABELS, **(labels or {})}
+    classes = _class_order(results)
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    sns.lineplot(data=with_dense_start(results).query("score == @score"), x="sparsity", y="keep_ratio", hue="class",
+                 hue_order=classes, marker="o", errorbar=("pi", 100), ax=ax, palette=_palette(classes),
+                 legend=len(classes) <= MANY_CLASSES)
+    _class_legend(ax, classes)
+    ax.set_ylabel("Class keep ratio")
+    ax.set_title(title or f"Class-wise data keep ratio, {labels[score]} pruning")
+    fig.tight_layout()
+    return fig
+
+
+def keep_ratio_by_epoch(frame: pd.DataFrame, sparsity: float, label: str = "EL2N") -> plt.Figure:
+    """Class keep ratio at ``sparsity`` against the scoring epoch (``stability.keep_ratio_by_epoch``), with the
+    95 % t-interval over scoring runs as a band."""
+    classes = list(frame.sort_values("keep_ratio", ascending=False).drop_duplicates("class")["class"])
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for name, color in zip(classes, _palette(classes)):
+        part = frame[frame["class"] == name].sort_values("epoch")
+        ax.plot(part["epoch"], part["run_mean"], marker="o", markersize=4, color=color, label=name)
+        ax.fill_between(part["epoch"], part["run_lo"].clip(0, 1), part["run_hi"].clip(0, 1), color=color,
+                        alpha=BAND_ALPHA, linewidth=0)
+    _class_legend(ax, classes)
+    ax.set_xlabel("Scoring epoch")
+    ax.set_ylabel("Class keep ratio")
+    ax.set_title(f"{label} keep ratio at sparsity {sparsity:g} by scoring epoch")
+    fig.tight_layout()
+    return fig
+
+
+def agreement_curve(frame: pd.DataFrame, label: str) -> plt.Figure:
+    """Spearman between the mean of k scoring runs and the K-run mean, against k (``stability.agreement_curve``)."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.plot(frame["k"], frame["spearman"], marker="o", label=label)
+    ax.fill_between(frame["k"], frame["min"], frame["max"], alpha=BAND_ALPHA, linewidth=0)
+    ax.set_xlabel("Scoring runs averaged (k)")
+    ax.set_ylabel("Spearman with the K-run mean")
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def save(fig: plt.Figure, path_stem: str | Path) -> list[Path]:

@@ -92,6 +92,21 @@ def headline_numbers(results: pd.DataFrame, summary: pd.DataFrame | None = None)
     return numbers
 
 
+BUDGET_TEXT = {
+    "steps": "every pruned subset trains for as many optimiser steps as the full training set (Data Diet's rule)",
+    "epochs": "every pruned subset trains for as many epochs as the full training set (fewer steps when pruned)",
+}
+
+
+def study_numbers(preset: Preset) -> dict[str, GlueText]:
+    """What the text says about how the study was run: the budget rule and each score's name with its epoch."""
+    labels = score_labels(preset)
+    return {"budget": GlueText(BUDGET_TEXT[preset.recipe.budget]),
+            "score_epochs": GlueText(", ".join(f"{labels[s]} (epoch {preset.scoring.epoch_of(s)} of the scoring "
+                                               f"runs, K = {preset.scoring.num_runs})" for s in SCORES)),
+            **{f"{s}_label": GlueText(labels[s]) for s in SCORES}}
+
+
 def summary_table(results: pd.DataFrame, labels: dict[str, str] | None = None,
                   summary: pd.DataFrame | None = None) -> pd.DataFrame:
     """Sparsity x score, each number with its 95 % interval: overall accuracy, std of class accuracy (raw and

@@ -7,6 +7,7 @@ import pandas as pd
 from datadiet_nb import plots, report
 
 matplotlib.use("Agg")
+TEST_PER_CLASS = 100
 
 
 def fake_results(classes=("cat", "dog", "ship"), seeds=(0, 1)) -> pd.DataFrame:
@@ -14,12 +15,14 @@ def fake_results(classes=("cat", "dog", "ship"), seeds=(0, 1)) -> pd.DataFrame:
     for seed in seeds:
         for score, sparsity in [("dense", 0.0)] + [(s, p) for s in ("el2n", "grand", "random") for p in (0.5, 0.9)]:
             accs = np.array([0.6, 0.7, 0.95]) - (sparsity / 10 if score != "random" else 0.0)
+            accs = accs + 0.01 * seed  # seeds differ a little
             for i, name in enumerate(classes):
                 rows.append({"preset": "toy", "dataset": "toy", "model": "m", "score": score, "sparsity": sparsity,
                              "offset": 0.0, "seed": seed, "class": name, "class_index": i,
                              "class_accuracy": accs[i], "keep_ratio": 1.0 if score == "dense" else 1 - sparsity + 0.1 * (i == 0),
                              "overall_accuracy": accs.mean(), "class_std": accs.std(),
-                             "key": f"{score}-{sparsity}-{seed}"})
+                             "key": f"{score}-{sparsity}-{seed}",
+                             "correct": np.arange(TEST_PER_CLASS) < round(accs[i] * TEST_PER_CLASS)})
     return pd.DataFrame(rows)
 
 
@@ -28,20 +31,31 @@ def test_accuracy_figure_has_one_line_per_score_and_a_dense_reference():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["EL2N", "GraNd", "Random", "Dense"]
     dense_line = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"][0]
-    assert np.allclose(dense_line.get_ydata(), np.mean([0.6, 0.7, 0.95]))
+    assert np.allclose(dense_line.get_ydata(), np.mean([0.6, 0.7, 0.95]) + 0.005)
+    assert len(fig.axes[0].collections) == 3, "every score's line has its interval band"
 
 
 def test_class_figures_name_every_class():
     results = fake_results()
     for fig in (plots.class_accuracy_vs_sparsity(results, "el2n"), plots.keep_ratio_vs_sparsity(results, "grand")):
         assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["cat", "dog", "ship"]
-    fig = plots.best_worst_classes(results, "el2n", n=10)
-    assert len(fig.axes) == 2 and "1 best" in fig.axes[0].get_title()
+    for fig in (plots.class_accuracy_vs_sparsity(results, "el2n"),):
+        assert len(fig.axes[0].collections) == 3, "every class's line has its interval band"
+
+
+def test_best_and_worst_classes_are_chosen_by_the_ranking_not_by_the_test_set():
+    results = fake_results()  # on the test set cat is worst and ship best
+    ranking = pd.Series({"cat": 0.9, "dog": 0.5, "ship": 0.1})  # held-out data says otherwise
+    fig = plots.best_worst_classes(results, ranking, "el2n", n=10, labels={"el2n": "EL2N@3"})
+    best, worst = ([t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes)
+    assert best == ["cat"] and worst == ["ship"] and "validation" in fig.axes[0].get_title()
+    assert "EL2N@3" in fig._suptitle.get_text()
 
 
 def test_headline_numbers_come_from_the_table():
     numbers = report.headline_numbers(fake_results())
-    assert numbers["dense_accuracy"] == f"{100 * np.mean([0.6, 0.7, 0.95]):.1f} %"
+    assert numbers["dense_accuracy"].startswith(f"{100 * (np.mean([0.6, 0.7, 0.95]) + 0.005):.1f} % (95 % CI ")
+    assert numbers["el2n_std_p_50"].startswith("p ") and numbers["random_std_verdict_50"]
     assert numbers["dense_worst_class"].startswith("cat")
     assert numbers["el2n_top_keep_classes"].startswith("cat (0.60)")
     assert repr(numbers["dense_accuracy"]) == str(numbers["dense_accuracy"])  # glued without quotes
