@@ -107,6 +107,26 @@ def study_numbers(preset: Preset) -> dict[str, GlueText]:
             **{f"{s}_label": GlueText(labels[s]) for s in SCORES}}
 
 
+def study_notes(preset: Preset):
+    """What a reader must know about how this study departs from the paper's setting (Markdown), or None."""
+    notes = []
+    if preset.train_per_class is not None:
+        scored = ("scores come from scoring runs on the **full** training set and are restricted to the subset"
+                  if preset.scoring.full_train else "the scores are computed on that subset")
+        notes.append(f"The training grid uses a class-balanced subset, the first {preset.train_per_class} training "
+                     f"images of each class, and {scored}. This is a small-data regime: its accuracy curves "
+                     "may differ from the paper's (pruning a small set removes examples the model still needs), "
+                     "and are shown as they came out.")
+    width = preset.model_options.get("width")
+    if width is not None and preset.model.startswith("resnet") and width != 64:
+        notes.append(f"The {preset.model} is narrow (first stage width {width}, against 64 in the paper), "
+                     "so that the study runs on a CPU.")
+    if not notes:
+        return None
+    from IPython.display import Markdown
+    return Markdown("**How this study differs from the paper's setting.** " + " ".join(notes))
+
+
 def summary_table(results: pd.DataFrame, labels: dict[str, str] | None = None,
                   summary: pd.DataFrame | None = None) -> pd.DataFrame:
     """Sparsity x score, each number with its 95 % interval: overall accuracy, std of class accuracy (raw and

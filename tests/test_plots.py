@@ -72,3 +72,15 @@ def test_failures_note_names_each_failed_job():
     note = failures_note({"grand-s0.5-seed0": "run grand s=0.5 seed=0 failed: training loss became nan\nmore"})
     assert "`grand-s0.5-seed0`: run grand s=0.5 seed=0 failed: training loss became nan" in note.data
     assert "more" not in note.data
+
+
+def test_the_chapter_names_the_budget_rule_and_each_score_epoch():
+    from datadiet_nb import presets
+    paper = report.study_numbers(presets.get("cifar10-resnet18"))
+    assert "as many optimiser steps" in paper["budget"] and "EL2N@20" in paper["score_epochs"]
+    same_epochs = report.study_numbers(presets.with_overrides(presets.get("digits"), ["recipe.budget=epochs",
+                                                                                    "scoring.epochs.grand=0"]))
+    assert "as many epochs" in same_epochs["budget"] and same_epochs["grand_label"] == "GraNd@0"
+    assert report.study_notes(presets.get("digits")) is None
+    note = report.study_notes(presets.get("cifar10-cpu")).data
+    assert "first 500 training images of each class" in note and "full** training set" in note
