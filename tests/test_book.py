@@ -20,12 +20,15 @@ from datadiet_nb import report
 from datadiet_nb.results import load_results
 
 REPO = Path(__file__).resolve().parents[1]
+# two seeds: the book shows intervals and the paired test's p-values
 TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=2", "--set", "scoring.epoch=1",
         "--set", "sparsities=0,0.5", "--set", "seeds=0,1"]
-FIGURES = ["accuracy", "class_accuracy_el2n", "best_worst", "class_std", "keep_ratio"]
+FIGURES = ["accuracy", "class_accuracy_el2n", "best_worst", "class_std", "class_std_corrected", "keep_ratio",
+           "keep_ratio_by_epoch", "agreement"]
 
 
 SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits", "--store", "runs", "--quiet", *TINY]
+ONE_SEED_SWEEP = [*SWEEP, "--set", "seeds=0"]  # the concurrency test needs jobs, not intervals
 
 
 def sweep(root: Path) -> subprocess.CompletedProcess:
@@ -96,10 +99,13 @@ def test_results_page_has_every_figure_table_and_glued_number(book):
     # every quoted number, recomputed here from the stored records, is on the page
     results = load_results(book / "runs")
     for key, value in report.headline_numbers(results).items():
-        if key in ("dense_accuracy", "dense_class_std", "dense_worst_class", "el2n_accuracy_50",
-                   "el2n_class_std_50", "el2n_top_keep_classes"):
+        if key in ("dense_accuracy", "dense_class_std", "dense_class_std_corrected", "dense_worst_class",
+                   "el2n_accuracy_50", "el2n_class_std_50", "el2n_top_keep_classes", "el2n_std_p_50",
+                   "el2n_std_verdict_50", "random_std_p_50"):
             assert str(value) in text, key
-    assert "worst_class" in text and "class_std" in text  # the summary table
+    assert "(95 % CI" in text and ("p = " in text or "p < 0.001" in text), "intervals and a computed p-value"
+    assert "worst class" in text and "class std (corrected)" in text and "p (std < dense)" in text  # the table
+    assert "How stable are the scores?" in text and "EL2N@1: run vs run" in text
     assert "Test accuracy against data sparsity" in text
 
 
@@ -157,12 +163,12 @@ def test_browser_renders_the_index_and_loads_the_figures(book, tmp_path):
 def test_two_notebook_sweeps_on_one_store_run_each_job_once(tmp_path):
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(REPO / name, tmp_path / name)
-    processes = [subprocess.Popen(SWEEP, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    processes = [subprocess.Popen(ONE_SEED_SWEEP, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
     errors = [p.communicate(timeout=900)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], [e[-2000:] for e in errors]
     events = [line.split() for line in (tmp_path / "runs" / "events.log").read_text().splitlines()]
     started = [e[4] for e in events if e[3] == "start"]
-    assert len(started) == len(set(started)) == 5  # scores + 4 runs, each computed by one process only
+    assert len(started) == len(set(started)) == 6  # scores, 4 runs, the validation ranking: each by one process
     assert len(list((tmp_path / "book" / "runs" / "digits" / "train").glob("*.ipynb"))) == 4
     assert len(load_results(tmp_path / "runs")) == 4 * 10
