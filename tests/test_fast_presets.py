@@ -55,3 +55,16 @@ def test_fast_preset_model_trains_one_step_on_cpu(name):
     result = train(model, dataset, recipe, seed=0, device="cpu")
     assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.epoch_losses)))
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_cifar10_cpu_scores_the_full_set_and_trains_a_three_seed_grid():
+    preset = presets.get("cifar10-cpu").validate()
+    assert preset.scoring.full_train and preset.scoring.num_runs >= 2 and len(preset.seeds) >= 3
+    assert len([s for s in preset.sparsities if s > 0]) >= 4 and preset.train_per_class is not None
+    # scores from the end of the scoring runs' own annealed schedule, not an early checkpoint
+    assert preset.scoring.epoch_of("el2n") == preset.scoring.epoch_of("grand") == preset.scoring.recipe.epochs
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_built_in_preset_has_three_seeds(name):
+    assert len(presets.get(name).seeds) >= 3
