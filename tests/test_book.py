@@ -75,9 +75,9 @@ def test_the_sweep_wrote_every_notebook_without_errors(book):
     runs = book / "book" / "runs"
     executed = sorted(runs.rglob("*.ipynb"))
     names = {p.relative_to(runs).as_posix() for p in executed}
-    assert {"digits/scores.ipynb", "digits/analysis.ipynb", "reproducibility.ipynb",
-            "digits/train/dense-s0-seed0.ipynb", "digits/train/el2n-s0.5-seed0.ipynb",
-            "digits/train/grand-s0.5-seed0.ipynb", "digits/train/random-s0.5-seed0.ipynb"} == names
+    runs_expected = {f"digits/train/{run}-seed{seed}.ipynb" for seed in (0, 1)
+                     for run in ("dense-s0", "el2n-s0.5", "grand-s0.5", "random-s0.5")}
+    assert {"digits/scores.ipynb", "digits/analysis.ipynb", "reproducibility.ipynb", *runs_expected} == names
     for path in executed:
         for cell in json.loads(path.read_text())["cells"]:
             for output in cell.get("outputs", []):

@@ -43,7 +43,7 @@ def test_step_budget_trains_the_same_number_of_steps_on_a_subset():
 
 
 def test_cpu_training_is_deterministic_for_a_seed():
-    preset = presets.with_overrides(presets.get("digits"), ["recipe.epochs=1"])
+    preset = presets.with_overrides(presets.get("digits"), ["recipe.epochs=1", "scoring.epoch=1"])
     ds = load_dataset(preset)
     weights = []
     for seed in (0, 0, 1):
