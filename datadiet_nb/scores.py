@@ -132,16 +132,11 @@ def grand_last_layer_scores(model: nn.Module, inputs: torch.Tensor, targets: tor
 
 def rank_agreement(scores: dict[str, "np.ndarray"]) -> dict[str, float]:
     """Spearman rank correlations: EL2N vs GraNd (means over runs), and the mean between pairs of runs."""
-    import itertools
+    from .stability import mean_pairwise_spearman, spearman
 
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    agreement = {"el2n_vs_grand": float(spearmanr(scores["el2n"], scores["grand"]).statistic)}
+    agreement = {"el2n_vs_grand": spearman(scores["el2n"], scores["grand"])}
     for name in SCORES:
-        runs = scores[f"{name}_runs"]
-        pairs = [spearmanr(a, b).statistic for a, b in itertools.combinations(runs, 2)]
-        agreement[f"{name}_across_runs"] = float(np.mean(pairs)) if pairs else float("nan")
+        agreement[f"{name}_across_runs"] = mean_pairwise_spearman(scores[f"{name}_runs"])
     return agreement
 
 
