@@ -106,7 +106,7 @@ def measure(method: str, width: int, batch: int, repeats: int, device: str, prof
     fn = METHODS[method]
     base = _memory_baseline(device)  # model and batch exist; everything the method allocates comes after
     try:
-        fn(model, x, y)  # warm-up (and the import, for BackPACK; and the timed choice of conv rules, for ours)
+        fn(model, x, y)  # warm-up (and the import, for BackPACK)
     except ImportError:
         queue.put(None)
         return

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -174,14 +176,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if counts.get("failed") else 0
 
 
-def _report_warnings_in_one_line() -> None:
-    """The package's warnings (a corrupt file moved aside, an unusable checkpoint) as ``datadiet-nb: ...`` lines."""
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes each record to the ``sys.stderr`` of the moment, not the one current when it was created
+    (a test's or a notebook's captured stream may be closed and replaced between calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
+@contextlib.contextmanager
+def warnings_in_one_line() -> Iterator[None]:
+    """The package's warnings (a corrupt file moved aside, an unusable checkpoint) as ``datadiet-nb: ...`` lines
+    while a command runs; the caller's logging is left as it was (propagation on, no handler left behind)."""
     logger = logging.getLogger("datadiet_nb")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    if any(isinstance(h, CurrentStderrHandler) for h in logger.handlers):  # a nested main(): already printing
+        yield
+        return
+    handler = CurrentStderrHandler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -234,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _report_warnings_in_one_line()
     try:
-        return args.handler(args) or 0
+        with warnings_in_one_line():
+            return args.handler(args) or 0
     except UserError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

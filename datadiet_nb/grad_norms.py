@@ -7,9 +7,9 @@ squared gradient norm is computed from them without forming the full per-example
 - Linear: ||a_i||^2 ||g_i||^2, plus ||g_i||^2 for the bias.
 - Conv2d: the per-example weight gradient g_i U_i^T (U_i = unfolded input), either materialised
   (one kernel offset at a time, from views of the input) and squared, or as the "ghost norm"
-  <U_i^T U_i, g_i^T g_i> over output positions; plus ||sum_positions g_i||^2 for the bias. Which of
-  the two is faster depends on the layer and the device, so it is timed once per layer shape
-  (:func:`choose_conv_rule`) and cached.
+  <U_i^T U_i, g_i^T g_i> over output positions; plus ||sum_positions g_i||^2 for the bias. The one
+  with fewer multiply-adds for the layer's shape is used (:func:`choose_conv_rule`): a choice made from
+  the shape alone, never from timings, so every process computes the same bits for the same inputs.
 - BatchNorm in eval mode is a fixed per-channel affine map: gamma's gradient is sum_pixels g * x_hat
   and beta's is sum_pixels g.
 
@@ -44,9 +44,6 @@ from torch.utils._pytree import tree_leaves
 
 GRAD_CHUNK_BYTES = 512 * 2**20  # memory allowed for materialised per-example gradients at once (vmap)
 RULE_WORK_BYTES = 64 * 2**20  # temporaries allowed for one conv rule at once: its batch is split to fit
-TIMING_BAND = 10  # conv rules are timed only when their operation counts are within this factor
-TIMING_REPEATS = 3  # runs of each conv rule when timing it; the fastest counts
-TIMING_MARGIN = 1.2  # the rule with more operations is chosen only when timed this many times faster
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 # The one functional call through which each supported layer's stock forward uses its parameters.
 FUNCTIONAL = {nn.Linear: F.linear, nn.Conv2d: torch.conv2d, nn.BatchNorm2d: F.batch_norm}
@@ -208,7 +205,6 @@ _RULE_TEMPORARIES = {  # per example, in elements: the padded copies, then the r
     "materialise": lambda c_in, c_out, length: (c_in + c_out) * length + c_in * c_out,
     "ghost": lambda c_in, c_out, length: (c_in + c_out) * length + 5 * length ** 2,  # 3 Gram-sized + a float64 copy
 }
-_conv_choices: dict[tuple, str] = {}  # (layer hyper-parameters, input shape, dtype, device) -> fastest rule
 
 
 def _conv_op_counts(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> dict[str, int]:
@@ -230,26 +226,15 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
 
 
 def choose_conv_rule(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> str:
-    """The faster exact rule for this layer and input shape: timed the first time the shape is seen, then cached.
+    """The exact rule with fewer multiply-adds per example for this layer and input shape ("materialise" in a tie).
 
-    Operation counts miss memory traffic and kernel efficiency, which differ by layer and device, so the
-    rules are timed; but the count decides when one rule needs over ``TIMING_BAND`` times the other's
-    operations (no timing needed) and in near ties (timed within ``TIMING_MARGIN``), so that noisy timings
-    rarely change the choice, and with it the last bits of the scores, from one process to the next.
+    Deliberately not timed: two processes timing the rules could choose differently and differ in the last
+    bits of a score, enough to flip a near tie in the kept set between a run and its resumed twin. On the
+    CIFAR ResNet-18 at widths 16 and 64 the count picks the same rule as timing did for every layer
+    (benchmarks/README.md).
     """
-    key = (module.kernel_size, module.stride, module.dilation, module.padding, module.out_channels,
-           tuple(a.shape), a.dtype, a.device)
-    if key not in _conv_choices:
-        counts = _conv_op_counts(module, a, g)
-        fewer, more = sorted(counts, key=counts.get)
-        choice = fewer
-        if counts[more] <= TIMING_BAND * counts[fewer]:
-            seconds = {rule: min(timed(lambda: _conv_weight_sq_norm(module, a, g, rule), a.device)[1]
-                                 for _ in range(TIMING_REPEATS)) for rule in counts}
-            if seconds[more] * TIMING_MARGIN < seconds[fewer]:
-                choice = more
-        _conv_choices[key] = choice
-    return _conv_choices[key]
+    counts = _conv_op_counts(module, a, g)
+    return "ghost" if counts["ghost"] < counts["materialise"] else "materialise"
 
 
 def _conv_weight_sq_norm(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, rule: str) -> torch.Tensor:
@@ -333,7 +318,7 @@ def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, conv_
                     profile: list[LayerTime] | None = None) -> torch.Tensor:
     """Per-example ||grad_theta CE(f(x_i), y_i)||_2 over all parameters for one batch (model in eval mode).
 
-    ``conv_rule`` forces one of :data:`CONV_RULES` (default: the fastest, timed per shape); a ``profile``
+    ``conv_rule`` forces one of :data:`CONV_RULES` (default: :func:`choose_conv_rule`); a ``profile``
     list receives a :class:`LayerTime` per layer (timed with a device sync each, so a little slower).
     """
     if conv_rule is not None and conv_rule not in CONV_RULES:

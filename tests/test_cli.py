@@ -1,7 +1,10 @@
-import json
 """The command line: a digits sweep end to end, and one-line errors that change nothing on disk."""
 
+import contextlib
 import hashlib
+import io
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 
 from datadiet_nb import presets
+from datadiet_nb import cli
 from datadiet_nb.cli import main
 
 TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1", "--set", "seeds=0"]
@@ -120,3 +124,20 @@ def test_dry_run_lists_the_jobs_and_estimates_without_running_anything(tmp_path,
         ["missing", "grand-s0.5-seed0"], ["missing", "random-s0.5-seed0"]]
     assert lines[-1].startswith("digits: 5 jobs to run, about ") and "ms per training step of 64" in lines[-1]
     assert not store.exists()
+
+
+def test_the_cli_prints_warnings_on_the_current_stderr_and_leaves_logging_as_it_was(monkeypatch, capsys, caplog):
+    logger = logging.getLogger("datadiet_nb")
+    before = (list(logger.handlers), logger.propagate, logger.level)
+    monkeypatch.setattr(cli, "cmd_presets", lambda args: logger.warning("a warning from the package"))
+    earlier_stream = io.StringIO()  # a stream that is closed once its command is over, like a test's capture
+    with contextlib.redirect_stderr(earlier_stream):
+        assert main(["presets"]) == 0
+    assert earlier_stream.getvalue() == "datadiet-nb: a warning from the package\n"
+    earlier_stream.close()
+    assert (list(logger.handlers), logger.propagate, logger.level) == before
+    caplog.clear()
+    assert main(["presets"]) == 0
+    assert capsys.readouterr().err == "datadiet-nb: a warning from the package\n"
+    assert [r.getMessage() for r in caplog.records] == ["a warning from the package"]  # a caller's logging sees it
+    assert (list(logger.handlers), logger.propagate, logger.level) == before

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -156,18 +158,37 @@ def test_both_conv_rules_are_exact(kernel, options, rule, monkeypatch):
     torch.testing.assert_close(hook_grad_norms(model, inputs, targets, conv_rule=rule), expected, rtol=1e-4, atol=0)
 
 
-def test_conv_rule_is_timed_once_per_shape_and_profiled():
+def test_the_conv_rule_follows_the_operation_count_never_a_timing(monkeypatch):
+    """Same shape, same rule, same bits in every process: nothing is timed unless a profile is asked for."""
     torch.manual_seed(8)
     model = _with_nontrivial_batchnorm(models.build("resnet18", num_classes=3, width=4)).eval()
-    inputs, targets = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    inputs, targets = torch.randn(5, 3, 16, 16), torch.randint(0, 3, (5,))
+    timings = []
+    real_timed = grad_norms.timed
+    monkeypatch.setattr(grad_norms, "timed", lambda *a: timings.append(1) or real_timed(*a))
+    first = hook_grad_norms(model, inputs, targets)
+    assert timings == []  # no profile: nothing timed
+    torch.testing.assert_close(first, reference_grand(model, inputs, targets), rtol=1e-4, atol=0)
+    clock = iter(np.random.default_rng(0).permutation(10_000) * 1e-3)  # a clock gone mad changes nothing
+    monkeypatch.setattr(grad_norms.time, "perf_counter", lambda: next(clock))
     profile: list[LayerTime] = []
-    got = hook_grad_norms(model, inputs, targets, profile=profile)
-    torch.testing.assert_close(got, reference_grand(model, inputs, targets), rtol=1e-4, atol=0)
-    convs = [t for t in profile if t.layer.startswith("Conv2d")]
-    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    assert {t.rule for t in convs} <= set(CONV_RULES) and all(t.seconds >= 0 for t in profile)
-    chosen = {t.layer: t.rule for t in convs}
-    for _ in range(2):  # the cached choice stands: same rule for the same layer shape
-        again: list[LayerTime] = []
-        hook_grad_norms(model, inputs, targets, profile=again)
-        assert {t.layer: t.rule for t in again if t.layer in chosen} == chosen
+    assert torch.equal(hook_grad_norms(model, inputs, targets, profile=profile), first)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(timings) == len(profile) and sum(t.layer.startswith("Conv2d") for t in profile) == len(convs)
+    # by hand: stride-1 windows are (output rows) x (padded input width) columns; otherwise output pixels
+    for t in profile:
+        if t.layer.startswith("Conv2d"):
+            c, c_out, k, s, n = map(int, re.match(r"Conv2d (\d+)->(\d+) (\d)x\d /(\d) on (\d+)x", t.layer).groups())
+            out = n // s
+            length = out * (n + k - 1) if s == 1 else out * out
+            fan_in = c * k * k
+            cheaper = "ghost" if length ** 2 * (fan_in + c_out) < c_out * fan_in * length else "materialise"
+            assert t.rule == cheaper, t.layer
+    assert {t.rule for t in profile if t.layer.startswith("Conv2d")} == set(CONV_RULES)  # both occur here
+    for rule in CONV_RULES:  # a forced rule is the one used, in every conv layer
+        forced: list[LayerTime] = []
+        hook_grad_norms(model, inputs, targets, conv_rule=rule, profile=forced)
+        assert [t.rule for t in forced if t.layer.startswith("Conv2d")] == [rule] * len(convs)
+    shorter: list[LayerTime] = []  # a last, partial batch: the same rule for every layer
+    hook_grad_norms(model, inputs[:2], targets[:2], profile=shorter)
+    assert [t.rule for t in shorter] == [t.rule for t in profile]
