@@ -79,3 +79,4 @@ def tiny_digits() -> presets.Preset:
     """The digits preset cut down to seconds: 2 epochs, one scoring run at epoch 1, two sparsities."""
     return presets.with_overrides(presets.get("digits"), [
         "recipe.epochs=2", "scoring.num_runs=1", "scoring.epoch=1", "sparsities=0,0.5", "seeds=0"])
+

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from datadiet_nb import presets
 from datadiet_nb import cli
 from datadiet_nb.cli import main
+from helpers import hand_summary, records_in
 
 TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1", "--set", "seeds=0"]
 
@@ -25,22 +27,55 @@ def snapshot(*roots: Path) -> dict:
             for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
+def printed_tables(out: str) -> tuple[dict, dict]:
+    """The sweep's two printed tables: {(label, sparsity): [(value, lo, hi) x 4, worst class, p, seeds]} and
+    {(score, sparsity): [keep ratio per class]}."""
+    summary, ratios, section, sparsity, score = {}, {}, None, None, None
+    for line in out.splitlines():
+        if line.lstrip().startswith("accuracy"):
+            section = "summary"
+        elif line.startswith("class keep ratio"):
+            section = "ratios"
+        elif section == "summary" and (cells := re.findall(r"(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]", line)):
+            head, tail = line.split(cells[0][0], 1)[0].split(), line.rsplit("]", 1)[1].split()
+            sparsity = float(head[0]) if len(head) == 2 else sparsity
+            summary[(head[-1], sparsity)] = [tuple(map(float, c)) for c in cells] + tail
+        elif section == "ratios" and re.search(r"\d\.\d{3}$", line):
+            words = line.split()
+            if not re.fullmatch(r"\d\.\d+", words[0]):  # pandas leaves a repeated score blank
+                score = words.pop(0)
+            ratios[(score, float(words[0]))] = [float(w) for w in words[1:]]
+    return summary, ratios
+
+
 def test_digits_sweep_prints_the_results_tables(tmp_path, capsys):
+    """Two seeds: every printed number is the one computed by hand from the records, to its printed digits."""
     store = tmp_path / "runs"
-    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", "--executor", "inline", *TINY,
-                 "--set", "sparsities=0,0.5,0.9"]) == 0
+    args = ["sweep", "--preset", "digits", "--store", str(store), "--quiet", "--executor", "inline", *TINY,
+            "--set", "seeds=0,1", "--set", "sparsities=0,0.5,0.9"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    for text in ("accuracy", "class std (corrected)", "worst class", "p (std < dense)", "class keep ratio",
-                 "EL2N@1", "GraNd@1", "Random", "Dense"):
+    for text in ("class std (corrected)", "p (std < dense)", "class keep ratio"):
         assert text in out
-    records = [json.loads(p.read_text()) for p in (store / "runs").glob("*.json")]
-    assert len(records) == 7
-    for record in records:  # one seed: each printed accuracy is the record's, with its interval beside it
-        assert f"{record['overall_accuracy']:.3f} [" in out
+    records = records_in(store)
+    assert len(records) == 14
+    expected = hand_summary(records)
+    summary, ratios = printed_tables(out)
+    labels = {"dense": "Dense", "el2n": "EL2N@1", "grand": "GraNd@1", "random": "Random"}
+    assert set(summary) == {(labels[s], p) for s, p in expected} and set(ratios) == set(expected)
+    for (score, sparsity), hand in expected.items():
+        row = summary[(labels[score], sparsity)]
+        for (value, lo, hi), name in zip(row, ("overall_accuracy", "class_std", None, "worst_class_accuracy")):
+            assert lo <= value <= hi
+            if name:
+                assert value == pytest.approx(hand[name], abs=5e-4), (score, sparsity, name)
+        worst, p, seeds = row[4:]
+        assert (worst, int(seeds)) == (hand["worst_class"], 2)
+        assert p == "-" if score == "dense" else float(p) == pytest.approx(hand["std_below_dense_p"], abs=5e-4)
+        np.testing.assert_allclose(ratios[(score, sparsity)], hand["keep_ratio"], atol=5e-4)
     # a second sweep finds everything stored and trains nothing
     before = snapshot(store)
-    assert main(["sweep", "--preset", "digits", "--store", str(store), "--quiet", "--executor", "inline", *TINY,
-                 "--set", "sparsities=0,0.5,0.9"]) == 0
+    assert main(args) == 0
     assert snapshot(store) == before
 
 

@@ -9,6 +9,7 @@ from datadiet_nb.prune import num_kept
 from datadiet_nb.results import keep_ratio_table, load_results, summarize
 from datadiet_nb.store import Store
 from datadiet_nb.sweep import plan, run_sweep
+from helpers import hand_summary, records_in
 
 
 def test_scores_are_cached_and_a_changed_config_makes_a_new_key(tiny_digits, tmp_path, monkeypatch):
@@ -58,21 +59,34 @@ def test_plan_shares_the_dense_run_across_scores(tiny_digits):
 
 
 def test_sweep_results_table(tiny_digits, tmp_path):
+    """Over two seeds, every number of the summary and keep-ratio tables equals a hand computation from the records."""
+    study = presets.with_overrides(tiny_digits, ["seeds=0,1", "sparsities=0,0.5,0.8"])
     store = Store(tmp_path)
-    outcome = run_sweep(tiny_digits, store, progress=False)
-    assert len(outcome.records) == 4 and not outcome.failures
+    outcome = run_sweep(study, store, progress=False)
+    assert len(outcome.records) == 2 * 7 and not outcome.failures
     df = load_results(store)
-    assert len(df) == 4 * 10
+    assert len(df) == 14 * 10
     for column in ("preset", "dataset", "model", "score", "sparsity", "offset", "seed", "class",
                    "class_accuracy", "keep_ratio", "overall_accuracy"):
         assert column in df.columns
-    summary = summarize(df)
-    assert set(summary["score"]) == {"dense", "el2n", "grand", "random"}
-    dense = df[df.score == "dense"]
-    assert np.isclose(summary.loc[summary.score == "dense", "class_std"].item(), dense["class_accuracy"].std(ddof=0))
+    expected = hand_summary(records_in(tmp_path))
+    summary = summarize(df, samples=50)
+    assert len(summary) == len(expected) == 7
+    assert summary["std_below_dense_p"].notna().sum() == 6  # every pruned point has its paired test
+    for _, row in summary.iterrows():
+        hand = expected[(row["score"], row["sparsity"])]
+        for name in ("overall_accuracy", "class_std", "worst_class_accuracy", "std_below_dense_p"):
+            np.testing.assert_allclose(row[name], hand[name], rtol=1e-12, equal_nan=True, err_msg=name)
+            if name != "std_below_dense_p":
+                assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"], name
+        assert (row["worst_class"], row["num_seeds"]) == (hand["worst_class"], hand["num_seeds"]) == \
+            (row["worst_class"], 2)
     ratios = keep_ratio_table(df)
-    assert ratios.loc[("dense", 0.0)].eq(1.0).all()
-    np.testing.assert_allclose(ratios.loc[("random", 0.5)].mean(), 0.5, atol=0.05)
+    assert list(ratios.columns) == [str(c) for c in range(10)]
+    for (score, sparsity), hand in expected.items():
+        np.testing.assert_allclose(ratios.loc[(score, sparsity)].to_numpy(), hand["keep_ratio"], rtol=1e-12)
+    assert not np.allclose(*(r["keep_ratio"] for r in records_in(tmp_path) if (r["score"], r["sparsity"]) ==
+                             ("random", 0.5)))  # the two seeds differ there, so the mean is tested
 
 
 def test_every_ingredient_of_a_run_changes_its_key(tiny_digits, monkeypatch):

@@ -63,12 +63,48 @@ def test_digits_trains_to_at_least_90_percent():
     assert (predictions == ds.test_labels).float().mean().item() >= 0.90
 
 
-def test_stop_epoch_keeps_the_full_schedule():
+def _lr_at_every_step(monkeypatch) -> list[float]:
+    """The learning rate of every optimiser step taken from now on (the first parameter group's)."""
+    seen: list[float] = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    return seen
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step"])
+def test_stop_epoch_keeps_the_full_schedule(schedule, monkeypatch):
+    """"Scores at epoch t" are the model of a normal run after t passes: every step up to the stop has the full
+    run's learning rate, and the weights at the stop equal the full run's after that pass."""
     ds = data.load("digits")
-    recipe = Recipe(epochs=10, batch_size=64, lr=0.05, augment=False)
-    model = models.build("smallcnn", num_classes=10, in_channels=1, width=4)
-    result = train(model, ds, recipe, seed=0, stop_epoch=2)
-    assert result.steps == 2 * steps_per_epoch(ds.num_train, 64) and len(result.epoch_losses) == 2
+    recipe = Recipe(epochs=6, batch_size=64, lr=0.05, augment=False, schedule=schedule, milestones=(0.3, 0.6))
+    per_epoch = steps_per_epoch(ds.num_train, 64)
+
+    def fresh_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return models.build("smallcnn", num_classes=10, in_channels=1, width=4)
+
+    lrs = _lr_at_every_step(monkeypatch)
+    full_model = fresh_model()
+    at_epoch_2 = {}
+    train(full_model, ds, recipe, seed=0,
+          on_epoch=lambda e: e == 2 and at_epoch_2.update({k: v.clone() for k, v in full_model.state_dict().items()}))
+    full_lrs = lrs[:]
+    assert len(full_lrs) == 6 * per_epoch and len(set(full_lrs[:3 * per_epoch])) > 1
+    lrs.clear()
+    model = fresh_model()
+    result = train(model, ds, recipe, seed=0, stop_epoch=3)
+    assert result.steps == 3 * per_epoch and len(result.epoch_losses) == 3
+    assert lrs == full_lrs[:3 * per_epoch]
+    lrs.clear()
+    model = fresh_model()
+    train(model, ds, recipe, seed=0, stop_epoch=2)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, at_epoch_2[name]), name
 
 
 def test_nan_loss_stops_the_run_with_a_clear_message():
