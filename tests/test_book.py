@@ -36,14 +36,24 @@ def sweep(root: Path) -> subprocess.CompletedProcess:
 
 
 def sweep_killed_midway(root: Path) -> None:
-    """Start the notebook sweep and SIGKILL it a few seconds into its first training notebook."""
-    process = subprocess.Popen(SWEEP, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start the notebook sweep and SIGKILL it a few seconds into its first training notebook; fail unless the kill
+    landed mid-work (the sweep still running, fewer records than the plan's 8 runs)."""
+    process = subprocess.Popen(SWEEP, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     train = root / "book" / "runs" / "digits" / "train"
-    while process.poll() is None and not any(train.glob("*.ipynb")):
-        time.sleep(0.2)
-    time.sleep(5)
-    process.kill()
-    process.wait()
+    deadline = time.monotonic() + 600
+    try:
+        while not any(train.glob("*.ipynb")):
+            assert process.poll() is None, f"the sweep ended before its first training notebook: {process.stderr.read()}"
+            assert time.monotonic() < deadline, "no training notebook started within 600 s"
+            time.sleep(0.2)
+        time.sleep(3)
+        assert process.poll() is None, "the sweep had finished: the kill would not have landed mid-work"
+        process.kill()
+        assert process.wait(timeout=60) == -9
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(list((root / "runs" / "runs").glob("*.json"))) < 8, "the kill landed after the work was done"
 
 
 def fingerprint(paths) -> dict:

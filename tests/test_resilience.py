@@ -80,23 +80,46 @@ def reference_store(tmp_path_factory) -> Path:
 
 # --- kill -9 at random moments, then the same command again ----------------------------------
 
+WAIT_LIMIT_S = 300  # no wait loop in these tests runs longer than this
+
+
+def started_jobs(store: Path) -> int:
+    events = store / "events.log"
+    return sum(line.split()[3] == "start" for line in events.read_text().splitlines()) if events.exists() else 0
+
+
+def kill_after_start(command: list[str], store: Path, job: int, delay: float) -> int:
+    """Run ``command``; SIGKILL it ``delay`` seconds after it starts its ``job``-th job (1-based). Returns how many
+    records the store held at the kill; fails if the process ended on its own first or the wait runs too long."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    try:
+        while started_jobs(store) < job:
+            assert process.poll() is None, f"the sweep ended before its job {job} started: {process.stderr.read()}"
+            assert time.monotonic() < deadline, f"job {job} did not start within {WAIT_LIMIT_S} s"
+            time.sleep(0.01)
+        time.sleep(delay)
+        assert process.poll() is None, "the sweep had finished: the kill would not have landed mid-work"
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=WAIT_LIMIT_S) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return len(list((store / "runs").glob("*.json")))
+
+
 @pytest.mark.parametrize("kill_seed", [0, 1, 2])
 def test_a_sweep_killed_at_a_random_moment_resumes_to_the_same_results(kill_seed, tiny_file, tmp_path,
                                                                        reference_store):
+    """Killed a random moment into one of its first four jobs (the scores, or a training run): never after the
+    last job has started, so the kill always lands mid-work; the same command again completes the study."""
     store = tmp_path / "runs"
-    started = time.perf_counter()
-    process = subprocess.Popen(sweep_command(tiny_file, store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # The uninterrupted sweep takes ~15 s here (5 s of it importing); kill anywhere in the work.
-    delay = random.Random(kill_seed).uniform(4.0, 14.0)
-    try:
-        process.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    killed_at = time.perf_counter() - started
-    progress = sorted(p.name for p in store.rglob("*") if p.is_file()) if store.exists() else []
-    resumed = subprocess.run(sweep_command(tiny_file, store), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, (killed_at, progress, resumed.stderr)
+    draw = random.Random(kill_seed)
+    job, delay = draw.randint(1, 4), draw.uniform(0.0, 0.5)
+    records_at_kill = kill_after_start(sweep_command(tiny_file, store), store, job, delay)
+    assert records_at_kill < 4, "the kill landed after the work was done"
+    resumed = subprocess.run(sweep_command(tiny_file, store), capture_output=True, text=True, timeout=WAIT_LIMIT_S)
+    assert resumed.returncode == 0, (job, delay, resumed.stderr)
     assert_same_study(store, reference_store)
 
 
