@@ -1,5 +1,6 @@
 """GraNd stays exact (or falls back loudly) on the kinds of models users register: subclassed layers,
-layers called twice, weights used outside their layer, channels_last inputs, a model in train mode."""
+layers called twice, weights used outside their layer or tied, grouped and depthwise convolutions, BatchNorm
+without running statistics, Linear on 3-D input, channels_last inputs, a model in train mode."""
 
 import warnings
 
@@ -159,3 +160,54 @@ def test_a_model_handed_over_in_train_mode_is_scored_in_eval_mode_and_handed_bac
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "running stats untouched"
     torch.testing.assert_close(grand_scores(model.train(), x, y, batch_size=3).double(), expected.double(),
                                rtol=RTOL, atol=0)
+
+
+class TiedNet(nn.Module):
+    """Input embedding and output layer share one weight (tied), through two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.project = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 5)
+        self.head.weight = self.project.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.project(self.conv(x).mean((2, 3)))))
+
+
+def conv_net(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> nn.Module:
+    layers = [nn.Conv2d(3, conv.in_channels, 1), conv, *([bn] if bn is not None else []), nn.ReLU(), nn.Flatten()]
+    body = nn.Sequential(*layers)
+    with torch.no_grad():
+        features = body(torch.zeros(1, 3, 8, 8)).shape[1]
+    return nn.Sequential(body, nn.Linear(features, 5))
+
+
+class SequenceNet(nn.Module):
+    """A Linear applied to a [batch, tokens, features] input (per-token projection), then pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Linear(6, 7)
+        self.head = nn.Linear(7, 5)
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)[:, :, :3].repeat(1, 1, 2)  # [B, 64, 6]
+        return self.head(torch.relu(self.token(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("name, build, expect", [  # expect: exact by the hook rules, or a loud fallback
+    ("tied weights", TiedNet, "fallback"),
+    ("grouped conv", lambda: conv_net(nn.Conv2d(4, 6, 3, padding=1, groups=2)), "fallback"),
+    ("depthwise conv", lambda: conv_net(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)), "fallback"),
+    ("BatchNorm without running statistics", lambda: conv_net(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), "fallback"),
+    ("Linear on 3-D input", SequenceNet, "hooks"),
+])
+def test_what_the_hook_rules_must_refuse_or_handle_is_exact_either_way(name, build, expect):
+    """Each is exact against the per-example loop: by the hook rules where they hold, else by a loud fallback."""
+    torch.manual_seed(3)
+    model = build().eval()
+    x, y = data()
+    assert grad_norms.hook_rules_cover(model) == (expect == "hooks"), name
+    (exact_with_hooks if expect == "hooks" else exact_with_fallback)(model, x, y)

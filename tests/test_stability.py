@@ -52,3 +52,14 @@ def test_grand_at_init_vs_input_norm_is_high_for_a_linear_model_at_init():
     nn.init.zeros_(model.bias)
     inputs = torch.randn(50, 20) * torch.rand(50, 1) * 5
     assert stability.grand_at_init_vs_input_norm(model, inputs, torch.randint(0, 3, (50,))) > 0.99
+
+
+def test_rank_agreement_on_hand_made_rankings():
+    """rho = 1 - 6 sum d^2 / (n (n^2 - 1)) with n = 5 (denominator 120), computed by hand for each pair."""
+    from datadiet_nb.scores import rank_agreement
+
+    scores = {"el2n": np.array([1.0, 2, 3, 4, 5]), "grand": np.array([0.1, 0.3, 0.2, 0.5, 0.4]),  # d^2 = 4: 0.8
+              "el2n_runs": np.array([[1.0, 2, 3, 4, 5], [1, 2, 3, 5, 4], [2, 1, 3, 4, 5]]),  # 0.9, 0.9, 0.8
+              "grand_runs": np.array([[1.0, 2, 3, 4, 5], [5, 4, 3, 2, 1]])}  # reversed: -1
+    agreement = rank_agreement(scores)
+    assert agreement == pytest.approx({"el2n_vs_grand": 0.8, "el2n_across_runs": 2.6 / 3, "grand_across_runs": -1.0})
