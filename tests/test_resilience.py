@@ -150,6 +150,72 @@ def test_a_run_killed_during_training_resumes_from_its_checkpoint(tiny_file, tmp
     assert not saves[-1].exists()  # deleted once the record is safe
 
 
+# --- a scoring job resumed on purpose ----------------------------------------------------------
+
+@pytest.fixture
+def scoring_study(tiny_digits) -> presets.Preset:
+    """Two scoring runs of 3 epochs (scores at epoch 3, EL2N also at 0 and 1), a checkpoint every epoch."""
+    return presets.with_overrides(tiny_digits, ["recipe.epochs=3", "scoring.num_runs=2", "scoring.epoch=3",
+                                                "scoring.trajectory=0,1", "checkpoint_epochs=1"])
+
+
+def assert_same_scores(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+
+
+def test_a_scoring_job_resumes_from_its_finished_runs(scoring_study, tmp_path, monkeypatch):
+    ds = load_dataset(scoring_study)
+    expected = compute_scores(scoring_study, ds, Store(tmp_path / "reference"))
+    real_run, runs = experiment._scoring_run, []
+
+    def run_then_die(preset, dataset, store, key, seed, *args, **kwargs):
+        runs.append(seed)
+        if len(runs) == 2:
+            raise KeyboardInterrupt  # Ctrl-C as the second run starts: the first is finished and kept
+        return real_run(preset, dataset, store, key, seed, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "_scoring_run", run_then_die)
+    store = Store(tmp_path / "runs")
+    with pytest.raises(KeyboardInterrupt):
+        compute_scores(scoring_study, ds, store)
+    first, second = scoring_study.scoring.seeds
+    assert runs == [first, second] and list((tmp_path / "runs" / "checkpoints").glob(f"*-seed{first}.scores.npz"))
+    runs.clear()
+    assert_same_scores(compute_scores(scoring_study, ds, store), expected)
+    assert runs == [second]  # the finished run was read back, not trained again
+    assert not list((tmp_path / "runs" / "checkpoints").glob("*"))
+
+
+def test_a_scoring_run_resumes_from_its_mid_training_checkpoint(scoring_study, tmp_path, monkeypatch):
+    from datadiet_nb.train import TrainingState
+
+    ds = load_dataset(scoring_study)
+    expected = compute_scores(scoring_study, ds, Store(tmp_path / "reference"))
+    real_save, real_load, saves, resumed_at = TrainingState.save, TrainingState.load, [], []
+
+    def save_then_die(self, path, step, result):
+        real_save(self, path, step, result)
+        saves.append(step)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the first scoring run dies after its epoch-2 checkpoint
+
+    def load(self, path, device):
+        step, result = real_load(self, path, device)
+        resumed_at.append(step)
+        return step, result
+
+    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    monkeypatch.setattr(TrainingState, "load", load)
+    store = Store(tmp_path / "runs")
+    with pytest.raises(KeyboardInterrupt):
+        compute_scores(scoring_study, ds, store)
+    monkeypatch.setattr(TrainingState, "save", real_save)
+    assert_same_scores(compute_scores(scoring_study, ds, store), expected)
+    assert resumed_at == [saves[1]] and saves[1] == 2 * saves[0] > 0  # resumed at epoch 2, not from scratch
+
+
 # --- two sweeps on one store ----------------------------------------------------------------
 
 def test_two_concurrent_sweeps_split_the_work_and_run_nothing_twice(tiny_file, tmp_path, reference_store):
