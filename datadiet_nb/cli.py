@@ -25,6 +25,8 @@ def _preset(args: argparse.Namespace) -> Preset:
     assignments = list(args.set or [])
     if getattr(args, "offset", None) is not None:
         assignments.append(f"offset={args.offset}")
+    if getattr(args, "sparsity", None) is not None:  # prune / train: the preset's grid is not in play, only this point
+        assignments.append(f"sparsities={args.sparsity}")
     return presets.with_overrides(preset, assignments)
 
 

@@ -1,4 +1,5 @@
-"""The command line: a digits sweep end to end, and one-line errors that change nothing on disk."""
+"""The command line: every command's success path against hand computations, a digits sweep end to end,
+one-line errors that change nothing on disk, Ctrl-C."""
 
 import contextlib
 import hashlib
@@ -6,16 +7,21 @@ import io
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from datadiet_nb import presets
-from datadiet_nb import cli
+from datadiet_nb import cli, presets
 from datadiet_nb.cli import main
+from datadiet_nb.experiment import compute_scores, load_dataset
+from datadiet_nb.store import Store
+from datadiet_nb.sweep import jobs
 from helpers import hand_summary, records_in
 
 TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1", "--set", "seeds=0"]
@@ -86,6 +92,94 @@ def test_prune_writes_kept_indices_and_keep_ratios(tmp_path, capsys):
     kept = np.load(out)
     assert len(kept) == 1006 and np.all(np.diff(kept) > 0)  # round(0.7 * 1437)
     assert "class keep ratio" in capsys.readouterr().out
+
+
+def tiny_preset(*extra: str) -> presets.Preset:
+    """The preset the TINY command-line options describe."""
+    return presets.with_overrides(presets.get("digits"), [a for a in TINY if a != "--set"] + list(extra))
+
+
+def by_hand(scores: np.ndarray, sparsity: float, offset: float) -> np.ndarray:
+    """Hardest first (ties: lower index first), skip round(offset N), keep the next round((1 - s) N), ascending."""
+    n = len(scores)
+    order = sorted(range(n), key=lambda i: (-scores[i], i))
+    skip, keep = int(offset * n + 0.5), int((1 - sparsity) * n + 0.5)
+    return np.sort(order[skip:skip + keep])
+
+
+def test_an_offset_skips_exactly_the_top_fraction_in_prune_train_and_user_scores(tmp_path, capsys):
+    store = tmp_path / "runs"
+    out = tmp_path / "kept.npy"
+    assert main(["prune", "--store", str(store), "--quiet", *TINY, "--score", "el2n", "--sparsity", "0.5",
+                 "--offset", "0.1", "--out", str(out)]) == 0
+    preset = tiny_preset()
+    ds = load_dataset(preset)
+    scores = compute_scores(preset, ds, Store(store))["el2n"]
+    expected = by_hand(scores, 0.5, 0.1)
+    np.testing.assert_array_equal(np.load(out), expected)
+    assert not np.array_equal(expected, by_hand(scores, 0.5, 0.0))
+    assert main(["train", "--store", str(store), "--quiet", *TINY, "--score", "el2n", "--sparsity", "0.5",
+                 "--offset", "0.1"]) == 0
+    [record] = records_in(store)
+    assert record["offset"] == 0.1 and record["num_kept"] == len(expected)
+    np.testing.assert_array_equal(Store(store).load_kept(record["key"]), expected)
+    mine = np.random.default_rng(0).normal(size=ds.num_train)  # a researcher's own scores
+    np.save(tmp_path / "mine.npy", mine)
+    assert main(["prune", "--store", str(store), "--quiet", *TINY, "--scores", str(tmp_path / "mine.npy"),
+                 "--sparsity", "0.3", "--offset", "0.2", "--out", str(tmp_path / "mine_kept.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "mine_kept.npy"), by_hand(mine, 0.3, 0.2))
+
+
+def test_presets_score_train_and_status_print_what_they_computed(tmp_path, capsys):
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(presets.PRESETS)
+    assert all("x 3 seeds" in line for line in listed)
+    store = tmp_path / "runs"
+    assert main(["score", "--store", str(store), "--quiet", *TINY]) == 0
+    out = capsys.readouterr().out
+    preset = tiny_preset()
+    ds = load_dataset(preset)
+    scores, labels = compute_scores(preset, ds, Store(store)), ds.train_labels.numpy()
+    for c, name in enumerate(ds.classes):
+        row = f"{name:>16s} {scores['el2n'][labels == c].mean():8.4f} {scores['grand'][labels == c].mean():8.4f}"
+        assert row in out.splitlines()
+    assert main(["train", "--store", str(store), "--quiet", *TINY, "--score", "grand", "--sparsity", "0.5"]) == 0
+    out = capsys.readouterr().out
+    [record] = records_in(store)
+    assert f"test accuracy {record['overall_accuracy']:.4f}, std of class accuracy {record['bias']['std']:.4f}" in out
+    assert main(["status", "--store", str(store), *TINY]) == 0
+    out = capsys.readouterr().out
+    total = len(jobs(preset, ds))
+    assert out.splitlines()[-1] == f"digits in {store}: 2 done, 0 running, 0 failed, {total - 2} missing"
+    assert sum(line.startswith("missing") for line in out.splitlines()) == total - 2
+
+
+def test_ctrl_c_exits_130_with_nothing_half_written_and_the_run_resumes(tmp_path):
+    store = tmp_path / "runs"
+    command = [sys.executable, "-m", "datadiet_nb.cli", "train", "--store", str(store), "--quiet", *TINY,
+               "--set", "recipe.epochs=40", "--set", "checkpoint_epochs=1", "--score", "random", "--sparsity", "0.5"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    checkpoints = store / "checkpoints"
+    while not (checkpoints.is_dir() and list(checkpoints.glob("*.pt"))):  # interrupt once training is under way
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and err.strip().splitlines() == [
+        "datadiet-nb: interrupted; run the same command again to resume"]
+    assert not list((store / "runs").glob("*.json")) and not list(store.rglob("*.tmp"))
+    assert not list((store / "claims").glob("*.claim"))
+    [checkpoint] = checkpoints.glob("*.pt")
+    torch.load(checkpoint, weights_only=True)  # whole, ready to resume from
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    assert main(["train", "--store", str(reference), "--quiet", *TINY, "--set", "recipe.epochs=40",
+                 "--set", "checkpoint_epochs=1", "--score", "random", "--sparsity", "0.5"]) == 0
+    assert [r["predictions"] for r in records_in(store)] == [r["predictions"] for r in records_in(reference)]
 
 
 @pytest.fixture
