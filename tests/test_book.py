@@ -182,3 +182,50 @@ def test_two_notebook_sweeps_on_one_store_run_each_job_once(tmp_path):
     assert len(started) == len(set(started)) == 6  # scores, 4 runs, the validation ranking: each by one process
     assert len(list((tmp_path / "book" / "runs" / "digits" / "train").glob("*.ipynb"))) == 4
     assert len(load_results(tmp_path / "runs")) == 4 * 10
+
+
+DIVERGE_GRAND = '''\
+"""Loaded by every Python process of the test (PYTHONPATH): GraNd-pruned runs train with lr 1e12 and diverge."""
+import dataclasses
+
+from datadiet_nb import experiment
+
+_train, _kept, _current = experiment.train, experiment.kept_indices, {}
+
+
+def kept_indices(preset, dataset, score, *args, **kwargs):
+    _current["score"] = score
+    return _kept(preset, dataset, score, *args, **kwargs)
+
+
+def train(model, dataset, recipe, **kwargs):
+    if _current.pop("score", None) == "grand":
+        recipe = dataclasses.replace(recipe, lr=1e12)
+    return _train(model, dataset, recipe, **kwargs)
+
+
+experiment.kept_indices, experiment.train = kept_indices, train
+'''
+
+
+def test_a_diverging_run_under_papermill_is_recorded_failed_and_the_book_lists_it(tmp_path):
+    """The default executor's failure path: the run fails in its notebook's kernel, the others finish, the sweep
+    exits 1 naming it, the store records it as failed, and the executed results chapter says it is missing."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DIVERGE_GRAND)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(ONE_SEED_SWEEP, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    failed = [line.strip() for line in result.stderr.splitlines() if line.startswith("  grand-")]
+    assert "1 jobs failed" in result.stderr and len(failed) == 1, result.stderr[-3000:]
+    assert failed[0].startswith("grand-s0.5-seed0: run grand s=0.5 seed=0 failed: training loss became nan")
+    scores = sorted(r["score"] for r in (json.loads(p.read_text()) for p in (tmp_path / "runs" / "runs").glob("*.json")))
+    assert scores == ["dense", "el2n", "random"]
+    assert len(list((tmp_path / "runs" / "failed").glob("*.json"))) == 1
+    executed = (tmp_path / "book" / "runs" / "digits" / "analysis.ipynb").read_text()
+    assert "Failed jobs, left out of every figure and table on this page" in executed
+    assert "grand-s0.5-seed0" in executed
+    status = subprocess.run([sys.executable, "-m", "datadiet_nb.cli", "status", "--preset", "digits", "--store", "runs",
+                             *TINY, "--set", "seeds=0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 1 and ", 1 failed," in status.stdout
