@@ -1,12 +1,13 @@
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from conftest import SHARED_CIFAR10_ZIP, write_fake_cifar, write_imagefolder
+from helpers import SHARED_CIFAR10_ZIP, write_fake_cifar, write_imagefolder
 from datadiet_nb import data
 from datadiet_nb.errors import UserError
 
@@ -141,3 +142,37 @@ def test_real_cifar10_zip_loads():
     assert ds.classes[3] == "cat" and ds.classes[5] == "dog"
     assert np.all(np.bincount(ds.train_labels.numpy()) == 5000)
     np.testing.assert_allclose(ds.mean, data.CIFAR10_MEAN, atol=2e-4)
+
+
+def test_an_imagefolder_cache_is_refreshed_when_its_source_changes(tmp_path):
+    tree = write_imagefolder(tmp_path / "tiny")
+    archive = tmp_path / "tiny.zip"
+
+    def zip_tree() -> None:
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(tree.rglob("*.png")):
+                zf.write(path, path.relative_to(tree))
+
+    zip_tree()
+    before = {source: data.load(f"imagefolder:{source}") for source in (tree, archive)}
+    from PIL import Image
+    first = sorted((tree / "train" / "cat").glob("*.png"))[0]
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(first)  # one image edited
+    zip_tree()
+    for source, old in before.items():
+        new = data.load(f"imagefolder:{source}")
+        assert new.train_images[0].eq(0).all() and not old.train_images[0].eq(0).all(), source
+        assert torch.equal(new.train_images[1:], old.train_images[1:])
+    write_imagefolder(tmp_path / "tiny", classes=("cat",), train_per_class=5, seed=1)  # one image added
+    assert data.load(f"imagefolder:{tree}").num_train == 13
+
+
+def test_a_zip_with_its_folders_one_level_down_loads(tmp_path):
+    tree = write_imagefolder(tmp_path / "tiny")
+    archive = tmp_path / "nested.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(tree.rglob("*.png")):
+            zf.write(path, Path("cifar-like") / path.relative_to(tree))
+    nested, flat = data.load(f"imagefolder:{archive}"), data.load(f"imagefolder:{tree}")
+    assert nested.classes == flat.classes and torch.equal(nested.train_images, flat.train_images)
+    assert torch.equal(nested.test_labels, flat.test_labels)

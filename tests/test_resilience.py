@@ -293,13 +293,15 @@ def corrupt_scores(path: Path, how: str) -> None:
         arrays["el2n"][3] = np.nan
     elif how == "wrong length":
         arrays = {k: v[..., :-1] for k, v in arrays.items()}
+    elif how == "missing array":
+        arrays.pop("grand")
     data = store_module.npz_bytes(**arrays)  # a consistent checksum: only the content checks can tell
     path.write_bytes(data)
     meta = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**meta, "sha256": store_module.sha256(data)}))
 
 
-@pytest.mark.parametrize("how", ["truncated", "nan", "wrong length"])
+@pytest.mark.parametrize("how", ["truncated", "nan", "wrong length", "missing array"])
 def test_a_corrupt_scores_file_is_reported_moved_aside_and_recomputed(how, tiny_digits, tmp_path, caplog):
     store = Store(tmp_path / "runs")
     ds = load_dataset(tiny_digits)
@@ -308,13 +310,14 @@ def test_a_corrupt_scores_file_is_reported_moved_aside_and_recomputed(how, tiny_
     corrupt_scores(path, how)
     again = compute_scores(tiny_digits, ds, store)
     assert np.array_equal(again["el2n"], first["el2n"]) and np.array_equal(again["grand"], first["grand"])
-    assert str(path) in caplog.text and {"truncated": "checksum", "nan": "NaN", "wrong length": "scores for"}[how] \
+    assert str(path) in caplog.text and {"truncated": "checksum", "nan": "NaN", "wrong length": "scores for",
+                                    "missing array": "no grand array"}[how] \
         in caplog.text
     assert sorted(p.name.split("-", 2)[2] for p in (tmp_path / "runs" / "corrupt").iterdir()) == \
         sorted([path.name, path.with_suffix(".json").name])
 
 
-@pytest.mark.parametrize("edit", ["accuracy", "truncate", "kept"])
+@pytest.mark.parametrize("edit", ["accuracy", "truncate", "kept", "kept missing"])
 def test_a_hand_edited_record_is_never_used(edit, tiny_digits, tmp_path, caplog, monkeypatch):
     store = Store(tmp_path / "runs")
     ds = load_dataset(tiny_digits)
@@ -325,10 +328,14 @@ def test_a_hand_edited_record_is_never_used(edit, tiny_digits, tmp_path, caplog,
                                                  '"overall_accuracy": 0.999'))
     elif edit == "truncate":
         path.write_text(path.read_text()[:-50])
-    else:
+    elif edit == "kept":
         store_module.write_npy(store.kept_path(record["key"]), np.arange(10))
+    else:
+        store.kept_path(record["key"]).unlink()
     assert load_results(store).empty  # not counted...
     assert str(path) in caplog.text
+    if edit == "kept missing":
+        assert f"kept-index file {store.kept_path(record['key']).name} is missing" in caplog.text
     redone = train_run(tiny_digits, ds, "random", 0.5, 0, store)  # ...and redone
     assert redone["predictions"] == record["predictions"] and redone["key"] == record["key"]
 

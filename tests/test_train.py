@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -176,3 +177,30 @@ def test_onecycle_never_exceeds_the_base_lr_even_in_a_very_short_run():
     recipe = Recipe(schedule="onecycle", warmup=0.2)
     for total in (1, 2, 3, 7):
         assert max(lr_factor(recipe, s, total) for s in range(total)) <= 1.0
+
+
+def test_epochs_budget_trains_that_many_passes_over_a_subset():
+    ds = data.load("digits")
+    recipe = Recipe(epochs=3, batch_size=64, lr=0.05, augment=False, budget="epochs")
+    model = models.build("smallcnn", num_classes=10, in_channels=1, width=4)
+    result = train(model, ds, recipe, seed=0, indices=torch.arange(300))
+    assert result.steps == 3 * (300 // 64) and result.epochs == 3.0 and len(result.epoch_losses) == 3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", -1, "epochs must be >= 0"), ("batch_size", 0, "batch sizes must be >= 1"),
+    ("eval_batch_size", 0, "batch sizes must be >= 1"), ("schedule", "linear", "unknown lr schedule 'linear'"),
+    ("decay", "bias", "unknown weight-decay rule 'bias'"), ("budget", "hours", "unknown budget rule 'hours'"),
+    ("lr", 0.0, "lr must be > 0"), ("warmup", 1.0, "warmup in [0, 1)"), ("warmup", -0.1, "warmup in [0, 1)"),
+])
+def test_each_bad_recipe_field_is_one_user_error_before_any_training(field, value, message):
+    import dataclasses
+
+    from datadiet_nb.errors import UserError
+
+    recipe = dataclasses.replace(Recipe(), **{field: value})
+    model = models.build("smallcnn", num_classes=10, in_channels=1, width=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(UserError, match=re.escape(message)):
+        train(model, data.load("digits"), recipe, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
