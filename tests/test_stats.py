@@ -98,3 +98,13 @@ def test_bootstrap_is_reproducible():
     rng = np.random.default_rng(2)
     hits = {("dense", 0.0, s): hits_with([0.6, 0.7], 40, rng) for s in (0, 1)}
     assert summarize(frame(hits), samples=50).equals(summarize(frame(hits), samples=50))
+
+
+def test_t_interval_by_hand():
+    """Mean +- t_{0.975, n-1} s / sqrt(n) with the sample std (ddof 1): for 1, 2, 6 the mean is 3, s = sqrt(7)."""
+    mean, lo, hi = stats.t_interval([1, 2, 6])
+    half = scipy_stats.t.ppf(0.975, 2) * np.sqrt(7) / np.sqrt(3)
+    assert (mean, lo, hi) == pytest.approx((3.0, 3.0 - half, 3.0 + half), rel=1e-12)
+    assert stats.t_interval([1, 2, 6], confidence=0.5)[2] == pytest.approx(3.0 + scipy_stats.t.ppf(0.75, 2) * np.sqrt(7 / 3))
+    mean, lo, hi = stats.t_interval([0.25])
+    assert mean == 0.25 and np.isnan(lo) and np.isnan(hi)
