@@ -30,10 +30,11 @@ test: install
 	$(BIN)/python -m pytest
 
 # Mutation testing of prune, metrics, results, scores and stats (config: [tool.mutmut] in pyproject.toml); not in
-# CI: about an hour on 2 cores. Resumes where it stopped; prints the score per module (benchmarks/mutation.py).
+# CI: about half an hour on 2 cores. Resumes where it stopped; prints the score per module (benchmarks/mutation.py).
+# One torch thread per worker: two workers of two threads each on two cores made mutants time out, not fail.
 mutation: install
 	$(BIN)/pip install --quiet 'mutmut>=3.8,<4'
-	$(BIN)/mutmut run --max-children 2 >/dev/null || true
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 >/dev/null || true
 	$(BIN)/python benchmarks/mutation.py
 
 clean:

@@ -103,4 +103,5 @@ def keep_ratio_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    return table.to_string(float_format=lambda v: f"{v:.3f}" if np.isfinite(v) else "-")
+    """A numeric table as text: three decimals, ``-`` where a value is missing (e.g. a class with no examples)."""
+    return table.to_string(float_format=lambda v: f"{v:.3f}", na_rep="-")

@@ -53,6 +53,7 @@ def test_random_baseline_is_seeded_uniform_and_unbalanced():
     a, b, c = (random_indices(1000, 0.7, seed=s) for s in (1, 1, 2))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert len(a) == 300 and len(np.unique(a)) == 300 and np.all(np.diff(a) > 0)
+    assert a.dtype == np.int64
 
 
 def test_class_keep_ratio_by_hand():

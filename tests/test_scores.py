@@ -192,3 +192,10 @@ def test_the_conv_rule_follows_the_operation_count_never_a_timing(monkeypatch):
     shorter: list[LayerTime] = []  # a last, partial batch: the same rule for every layer
     hook_grad_norms(model, inputs[:2], targets[:2], profile=shorter)
     assert [t.rule for t in shorter] == [t.rule for t in profile]
+
+
+def test_score_labels_name_the_epoch_and_leave_other_rules_as_they_are():
+    from datadiet_nb.scores import Scoring
+
+    scoring = Scoring(epoch=20, epochs={"grand": 0})
+    assert [scoring.label(s) for s in ("el2n", "grand", "random", "dense")] == ["EL2N@20", "GraNd@0", "random", "dense"]

@@ -108,3 +108,19 @@ def test_t_interval_by_hand():
     assert stats.t_interval([1, 2, 6], confidence=0.5)[2] == pytest.approx(3.0 + scipy_stats.t.ppf(0.75, 2) * np.sqrt(7 / 3))
     mean, lo, hi = stats.t_interval([0.25])
     assert mean == 0.25 and np.isnan(lo) and np.isnan(hi)
+
+
+def test_class_summary_rows_by_hand_and_its_bootstrap_size_is_honoured():
+    rng = np.random.default_rng(3)
+    hits = {("el2n", 0.5, s): hits_with([0.9, 0.6, 0.75], 60, rng) for s in (0, 1)}
+    hits |= {("dense", 0.0, s): hits_with([0.95, 0.7, 0.8], 60, rng) for s in (0, 1)}
+    classes = class_summary(frame(hits), samples=200)
+    assert classes.index.equals(pd.RangeIndex(6))  # dense rows first (sparsity 0), classes in order
+    assert list(zip(classes["score"], classes["class"])) == [(s, f"c{c}") for s in ("dense", "el2n") for c in range(3)]
+    for _, row in classes.iterrows():
+        sparsity = 0.0 if row["score"] == "dense" else 0.5
+        runs = [hits[(row["score"], sparsity, s)][row["class_index"]].mean() for s in (0, 1)]
+        assert row["class_accuracy"] == pytest.approx(np.mean(runs))
+        assert row["class_accuracy_lo"] < row["class_accuracy"] < row["class_accuracy_hi"]
+    one = class_summary(frame(hits), samples=1)  # a single bootstrap replicate: its interval has no width
+    assert (one["class_accuracy_lo"] == one["class_accuracy_hi"]).all()

@@ -1,12 +1,14 @@
 """Scoring, pruning and training runs through the store: caching, keys, records, results table."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from datadiet_nb import experiment, presets
 from datadiet_nb.experiment import compute_scores, load_dataset, train_run
 from datadiet_nb.prune import num_kept
-from datadiet_nb.results import keep_ratio_table, load_results, summarize
+from datadiet_nb.errors import UserError
+from datadiet_nb.results import format_table, keep_ratio_table, load_results, summarize
 from datadiet_nb.store import Store
 from datadiet_nb.sweep import plan, run_sweep
 from helpers import hand_summary, records_in
@@ -83,10 +85,44 @@ def test_sweep_results_table(tiny_digits, tmp_path):
             (row["worst_class"], 2)
     ratios = keep_ratio_table(df)
     assert list(ratios.columns) == [str(c) for c in range(10)]
+    assert list(ratios.index) == sorted(expected, key=lambda point: (point[1], point[0]))  # by sparsity, then score
     for (score, sparsity), hand in expected.items():
         np.testing.assert_allclose(ratios.loc[(score, sparsity)].to_numpy(), hand["keep_ratio"], rtol=1e-12)
     assert not np.allclose(*(r["keep_ratio"] for r in records_in(tmp_path) if (r["score"], r["sparsity"]) ==
                              ("random", 0.5)))  # the two seeds differ there, so the mean is tested
+    # every column of every row is the record's, whichever way the store is named or the runs are chosen
+    assert list(df.columns) == ["preset", "dataset", "model", "score", "sparsity", "offset", "seed", "class",
+                                "class_index", "class_accuracy", "keep_ratio", "overall_accuracy", "class_std",
+                                "key", "correct"]
+    by_key = df.set_index(["key", "class_index"])
+    for r in records_in(tmp_path):
+        labels, predictions = np.array(r["test_labels"]), np.array(r["predictions"])
+        for c, name in enumerate(r["classes"]):
+            row = by_key.loc[(r["key"], c)]
+            assert (row["preset"], row["dataset"], row["model"], row["score"], row["sparsity"], row["offset"],
+                    row["seed"], row["class"]) == (r["preset"], r["dataset"]["name"], r["model"], r["score"],
+                                                   r["sparsity"], r["offset"], r["seed"], name)
+            assert (row["class_accuracy"], row["keep_ratio"], row["overall_accuracy"], row["class_std"]) == (
+                r["class_accuracy"][c], r["keep_ratio"][c], r["overall_accuracy"], r["bias"]["std"])
+            np.testing.assert_array_equal(row["correct"], predictions[labels == c] == c)
+    pd.testing.assert_frame_equal(load_results(str(tmp_path)), df)
+    chosen = [r["key"] for r in records_in(tmp_path)[:3]]
+    assert list(load_results(store, keys=chosen + chosen[:1])["key"].unique()) == chosen  # once each, in order
+    lines = format_table(ratios.head(2).assign(extra=np.nan)).splitlines()
+    assert lines[2].split()[2:] == ["1.000"] * 10 + ["-"]  # three decimals; a missing value is a dash
+    assert lines[3].split()[2:] == [f"{v:.3f}" for v in ratios.iloc[1]] + ["-"]
+
+
+def test_records_without_test_labels_load_but_cannot_be_bootstrapped(tiny_digits, tmp_path):
+    """Records written before per-example results were kept: the table loads, the intervals say why they can't."""
+    store = Store(tmp_path)
+    record = train_run(tiny_digits, load_dataset(tiny_digits), "random", 0.5, 0, store)
+    old = {k: v for k, v in record.items() if k not in ("test_labels", "checksum", "kept_sha256")}
+    store.save_run(record["key"], old, store.load_kept(record["key"]))
+    df = load_results(store)
+    assert len(df) == 10 and df["correct"].isna().all() and (df["class_accuracy"] == record["class_accuracy"]).all()
+    with pytest.raises(UserError, match="predate per-example test results"):
+        summarize(df)
 
 
 def test_every_ingredient_of_a_run_changes_its_key(tiny_digits, monkeypatch):
