@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -38,15 +40,32 @@ def test_num_kept_rounds_half_up_and_survives_float_error():
     assert num_kept(10, 0.0) == 10
 
 
-@pytest.mark.parametrize("sparsity, offset", [(-0.1, 0.0), (1.0, 0.0), (1.5, 0.0), (0.2, 0.3), (0.5, 0.6)])
-def test_bad_sparsity_or_offset(sparsity, offset):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("sparsity, offset, message", [
+    (-0.1, 0.0, "sparsity must be in [0, 1), got -0.1"), (1.0, 0.0, "sparsity must be in [0, 1), got 1.0"),
+    (1.5, 0.0, "sparsity must be in [0, 1), got 1.5"), (0.5, 1.0, "offset must be in [0, 1), got 1.0"),
+    (0.5, -0.1, "offset must be in [0, 1), got -0.1"),
+    (0.2, 0.3, "offset 0.3 + keep fraction 0.8 exceeds 1: not enough examples to keep"),
+    (0.5, 0.6, "offset 0.6 + keep fraction 0.5 exceeds 1"), (0.3, 0.30001, "offset 0.30001 + keep fraction 0.7"),
+])
+def test_bad_sparsity_or_offset(sparsity, offset, message):
+    with pytest.raises(UserError, match=re.escape(message)):
         select_indices(np.arange(10.0), sparsity, offset=offset)
 
 
-def test_nan_scores_are_refused():
-    with pytest.raises(UserError, match="NaN"):
-        select_indices(np.array([0.1, np.nan, 0.3]), 0.5)
+def test_an_offset_that_exactly_fills_the_set_keeps_the_lowest_scores():
+    """offset + keep fraction = 1 is allowed; with round-half-up counts (5 examples: skip 3, keep 3) the kept
+    window is clamped to the last ``keep`` ranks rather than running past the end."""
+    scores = np.array([0.1, 0.9, 0.5, 0.7, 0.3])
+    assert select_indices(scores, 0.5, offset=0.5).tolist() == [0, 2, 4]  # ranks 3-5 of 0.9, 0.7, 0.5, 0.3, 0.1
+    assert select_indices(scores, 0.3, offset=0.3).tolist() == [0, 2, 3, 4]  # skip 2, keep 4: clamped to ranks 2-5
+
+
+def test_scores_that_are_not_one_finite_value_per_example_are_refused():
+    with pytest.raises(UserError, match=re.escape("scores must be one value per example, got shape (2, 3)")):
+        select_indices(np.ones((2, 3)), 0.5)
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(UserError, match="^scores contain NaN or infinite values$"):
+            select_indices(np.array([0.1, bad, 0.3]), 0.5)
 
 
 def test_random_baseline_is_seeded_uniform_and_unbalanced():
@@ -73,3 +92,18 @@ def test_class_accuracy_and_bias_by_hand():
     assert bias["std"] == pytest.approx(np.std([0.5, 2 / 3, 0.8]))
     assert (bias["worst"], bias["best"]) == (0.5, 0.8)
     assert bias["gap"] == pytest.approx(0.3)
+
+
+def test_class_accuracy_with_a_missing_class_a_single_example_and_a_class_never_right():
+    labels = [0, 0, 1, 2, 2]  # class 1 has one example, class 3 none; class 2 is never predicted right
+    predictions = [0, 1, 1, 0, 1]
+    acc = class_accuracy(predictions, labels, 4)
+    np.testing.assert_array_equal(acc[:3], [0.5, 1.0, 0.0])
+    assert np.isnan(acc[3]) and acc.shape == (4,)
+    with pytest.raises(ValueError, match=r"\(4,\) predictions for \(5,\) labels"):
+        class_accuracy(predictions[:4], labels, 4)
+    assert bias_measures(acc) == pytest.approx({"std": np.std([0.5, 1.0, 0.0]), "worst": 0.0, "best": 1.0, "gap": 1.0})
+
+
+def test_class_keep_ratio_of_an_empty_selection_is_zero_for_every_class():
+    np.testing.assert_array_equal(class_keep_ratio([0, 1, 1, 2], [], 3), [0.0, 0.0, 0.0])

@@ -199,3 +199,18 @@ def test_score_labels_name_the_epoch_and_leave_other_rules_as_they_are():
 
     scoring = Scoring(epoch=20, epochs={"grand": 0})
     assert [scoring.label(s) for s in ("el2n", "grand", "random", "dense")] == ["EL2N@20", "GraNd@0", "random", "dense"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_runs": 0}, "the number of scoring runs K must be >= 1, got 0"),
+    ({"epochs": {"grand": 1, "forgetting": 2, "ccs": 3}}, "scoring.epochs names unknown score 'ccs'; choose from ['el2n', 'grand']"),
+    ({"trajectory": (1, -1)}, "scoring epochs must be >= 0 (0 = at initialisation)"),
+    ({"epoch": -1}, "scoring epochs must be >= 0 (0 = at initialisation)"), ({"batch_size": 0}, "scoring batch size must be >= 1"),
+])
+def test_each_bad_scoring_option_is_one_clear_error(options, message):
+    from datadiet_nb.errors import UserError
+    from datadiet_nb.scores import Scoring
+
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        Scoring(**options).validate()
+    Scoring(batch_size=1, num_runs=1, epoch=0).validate()  # the smallest valid values pass

@@ -124,3 +124,22 @@ def test_class_summary_rows_by_hand_and_its_bootstrap_size_is_honoured():
         assert row["class_accuracy_lo"] < row["class_accuracy"] < row["class_accuracy_hi"]
     one = class_summary(frame(hits), samples=1)  # a single bootstrap replicate: its interval has no width
     assert (one["class_accuracy_lo"] == one["class_accuracy_hi"]).all()
+
+
+def test_the_paired_test_is_undefined_for_one_pair_or_a_constant_difference():
+    dense = np.array([0.5, 0.25, 0.75])
+    assert np.isnan(stats.paired_below_p(dense - 0.125, dense))  # the same drop (exact in binary) for every seed
+    assert np.isnan(stats.paired_below_p([0.1], [0.2]))
+    assert 0 < stats.paired_below_p(dense - [0.125, 0.25, 0.1875], dense) < 0.05
+
+
+def test_summarize_without_a_dense_run_has_no_p_values_and_exactly_its_columns():
+    rng = np.random.default_rng(4)
+    hits = {("el2n", 0.5, s): hits_with([0.8, 0.6], 40, rng) for s in (0, 1)}
+    table = summarize(frame(hits), samples=1)
+    assert np.isnan(table.loc[0, "std_below_dense_p"])
+    interval_columns = [f"{n}{suffix}" for n in stats.RUN_STATISTICS for suffix in ("", "_lo", "_hi")]
+    assert sorted(table.columns) == sorted(["score", "sparsity", *interval_columns, "worst_class",
+                                            "std_below_dense_p", "num_seeds"])
+    for name in stats.RUN_STATISTICS:  # one bootstrap replicate: the requested size is used (zero width)
+        assert table.loc[0, f"{name}_lo"] == table.loc[0, f"{name}_hi"]
