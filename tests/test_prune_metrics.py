@@ -105,5 +105,6 @@ def test_class_accuracy_with_a_missing_class_a_single_example_and_a_class_never_
     assert bias_measures(acc) == pytest.approx({"std": np.std([0.5, 1.0, 0.0]), "worst": 0.0, "best": 1.0, "gap": 1.0})
 
 
-def test_class_keep_ratio_of_an_empty_selection_is_zero_for_every_class():
+def test_class_keep_ratio_of_an_empty_selection_and_of_a_one_example_class():
     np.testing.assert_array_equal(class_keep_ratio([0, 1, 1, 2], [], 3), [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(class_keep_ratio([0, 1, 1, 2], [1, 3], 3), [0.0, 0.5, 1.0])

@@ -214,3 +214,11 @@ def test_each_bad_scoring_option_is_one_clear_error(options, message):
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         Scoring(**options).validate()
     Scoring(batch_size=1, num_runs=1, epoch=0).validate()  # the smallest valid values pass
+
+
+def test_scores_of_no_examples_are_empty_and_mismatched_targets_are_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    for score in (el2n_scores, grand_scores):
+        assert score(model, torch.zeros(0, 3, 2, 2), torch.zeros(0, dtype=torch.int64)).shape == (0,)
+        with pytest.raises(ValueError, match="^3 inputs but 2 targets$"):
+            score(model, torch.zeros(3, 3, 2, 2), torch.zeros(2, dtype=torch.int64))

@@ -137,9 +137,15 @@ def test_summarize_without_a_dense_run_has_no_p_values_and_exactly_its_columns()
     rng = np.random.default_rng(4)
     hits = {("el2n", 0.5, s): hits_with([0.8, 0.6], 40, rng) for s in (0, 1)}
     table = summarize(frame(hits), samples=1)
-    assert np.isnan(table.loc[0, "std_below_dense_p"])
+    assert table.index.equals(pd.RangeIndex(1)) and np.isnan(table.loc[0, "std_below_dense_p"])
     interval_columns = [f"{n}{suffix}" for n in stats.RUN_STATISTICS for suffix in ("", "_lo", "_hi")]
     assert sorted(table.columns) == sorted(["score", "sparsity", *interval_columns, "worst_class",
                                             "std_below_dense_p", "num_seeds"])
     for name in stats.RUN_STATISTICS:  # one bootstrap replicate: the requested size is used (zero width)
         assert table.loc[0, f"{name}_lo"] == table.loc[0, f"{name}_hi"]
+
+
+def test_the_percentile_interval_by_hand():
+    values = np.arange(1001.0)  # the q-th percentile of 0..1000 is 10 q
+    assert stats.interval(values) == pytest.approx((25.0, 975.0), abs=1e-9)
+    assert stats.interval(values, confidence=0.5) == pytest.approx((250.0, 750.0), abs=1e-9)

@@ -121,7 +121,8 @@ def test_records_without_test_labels_load_but_cannot_be_bootstrapped(tiny_digits
     store.save_run(record["key"], old, store.load_kept(record["key"]))
     df = load_results(store)
     assert len(df) == 10 and df["correct"].isna().all() and (df["class_accuracy"] == record["class_accuracy"]).all()
-    with pytest.raises(UserError, match="predate per-example test results"):
+    with pytest.raises(UserError, match=r"^some run records predate per-example test results \(datadiet-nb < 0\.2\); "
+                                        r"run the sweep again to record them$"):
         summarize(df)
 
 
