@@ -108,3 +108,10 @@ def test_class_accuracy_with_a_missing_class_a_single_example_and_a_class_never_
 def test_class_keep_ratio_of_an_empty_selection_and_of_a_one_example_class():
     np.testing.assert_array_equal(class_keep_ratio([0, 1, 1, 2], [], 3), [0.0, 0.0, 0.0])
     np.testing.assert_array_equal(class_keep_ratio([0, 1, 1, 2], [1, 3], 3), [0.0, 0.5, 1.0])
+
+
+def test_labels_stored_as_floats_still_count_as_classes():
+    """Labels that came back as floats (a JSON round trip, a pandas column with a NaN elsewhere) are class indices."""
+    labels = np.array([0.0, 0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(class_accuracy([0, 1, 1, 2], labels, 3), [0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(class_keep_ratio(labels, [0, 3], 3), [0.5, 0.0, 1.0])

@@ -143,6 +143,9 @@ def test_summarize_without_a_dense_run_has_no_p_values_and_exactly_its_columns()
                                             "std_below_dense_p", "num_seeds"])
     for name in stats.RUN_STATISTICS:  # one bootstrap replicate: the requested size is used (zero width)
         assert table.loc[0, f"{name}_lo"] == table.loc[0, f"{name}_hi"]
+    hits |= {("dense", 0.0, s): hits_with([0.9, 0.7], 40, rng) for s in (0, 1)}  # recorded after the pruned runs
+    table = summarize(frame(hits), samples=1)
+    assert list(table["score"]) == ["dense", "el2n"] and table.index.equals(pd.RangeIndex(2))
 
 
 def test_the_percentile_interval_by_hand():
