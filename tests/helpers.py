@@ -103,3 +103,38 @@ def hand_summary(records: list[dict]) -> dict[tuple[str, float], dict]:
             "worst_class": min(worst, key=lambda name: (-worst[name], name)), "num_seeds": len(seeds),
             "std_below_dense_p": p, "keep_ratio": np.mean([run["keep_ratio"] for run in runs], axis=0)}
     return table
+
+
+def diverge_runs_of(score: str, setattr=setattr) -> None:
+    """Make the training runs pruned by ``score`` diverge for real: they train with a learning rate of 1e12.
+
+    ``setattr`` is pytest's ``monkeypatch.setattr`` in a test (undone after it); a subprocess that must fail the
+    same way calls this from a ``sitecustomize.py`` (see ``DIVERGE_IN_EVERY_PROCESS``).
+    """
+    import dataclasses
+
+    from datadiet_nb import experiment
+
+    real_train, real_kept, current = experiment.train, experiment.kept_indices, {}
+
+    def kept_indices(preset, dataset, s, *args, **kwargs):
+        current["score"] = s
+        return real_kept(preset, dataset, s, *args, **kwargs)
+
+    def train(model, dataset, recipe, **kwargs):
+        if current.pop("score", None) == score:
+            recipe = dataclasses.replace(recipe, lr=1e12)
+        return real_train(model, dataset, recipe, **kwargs)
+
+    setattr(experiment, "kept_indices", kept_indices)
+    setattr(experiment, "train", train)
+
+
+# A sitecustomize.py (put its folder on PYTHONPATH) that makes every Python process of a test, notebook kernels
+# included, diverge the runs of one score.
+DIVERGE_IN_EVERY_PROCESS = f"""\
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from helpers import diverge_runs_of
+diverge_runs_of({{score!r}})
+"""

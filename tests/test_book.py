@@ -18,6 +18,7 @@ import pytest
 
 from datadiet_nb import report
 from datadiet_nb.results import load_results
+from helpers import DIVERGE_IN_EVERY_PROCESS
 
 REPO = Path(__file__).resolve().parents[1]
 # two seeds: the book shows intervals and the paired test's p-values
@@ -184,36 +185,12 @@ def test_two_notebook_sweeps_on_one_store_run_each_job_once(tmp_path):
     assert len(load_results(tmp_path / "runs")) == 4 * 10
 
 
-DIVERGE_GRAND = '''\
-"""Loaded by every Python process of the test (PYTHONPATH): GraNd-pruned runs train with lr 1e12 and diverge."""
-import dataclasses
-
-from datadiet_nb import experiment
-
-_train, _kept, _current = experiment.train, experiment.kept_indices, {}
-
-
-def kept_indices(preset, dataset, score, *args, **kwargs):
-    _current["score"] = score
-    return _kept(preset, dataset, score, *args, **kwargs)
-
-
-def train(model, dataset, recipe, **kwargs):
-    if _current.pop("score", None) == "grand":
-        recipe = dataclasses.replace(recipe, lr=1e12)
-    return _train(model, dataset, recipe, **kwargs)
-
-
-experiment.kept_indices, experiment.train = kept_indices, train
-'''
-
-
 def test_a_diverging_run_under_papermill_is_recorded_failed_and_the_book_lists_it(tmp_path):
     """The default executor's failure path: the run fails in its notebook's kernel, the others finish, the sweep
     exits 1 naming it, the store records it as failed, and the executed results chapter says it is missing."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(DIVERGE_GRAND)
+    (site / "sitecustomize.py").write_text(DIVERGE_IN_EVERY_PROCESS.format(score="grand"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(ONE_SEED_SWEEP, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 1, result.stderr[-3000:]

@@ -24,6 +24,7 @@ from datadiet_nb.experiment import compute_scores, load_dataset, train_run
 from datadiet_nb.results import load_results, summarize
 from datadiet_nb.store import Store, write_json
 from datadiet_nb.sweep import jobs, run_sweep, status
+from helpers import diverge_runs_of
 
 TINY_STUDY = """\
 base = "digits"
@@ -342,30 +343,11 @@ def test_a_hand_edited_record_is_never_used(edit, tiny_digits, tmp_path, caplog,
 
 # --- divergence -----------------------------------------------------------------------------
 
-def diverge_runs_of(score: str, monkeypatch) -> None:
-    """Make the runs of one score diverge for real: they train with a learning rate of 1e12."""
-    import dataclasses
-
-    real_train, real_kept, current = experiment.train, experiment.kept_indices, {}
-
-    def kept_indices(preset, dataset, s, *args, **kwargs):
-        current["score"] = s
-        return real_kept(preset, dataset, s, *args, **kwargs)
-
-    def train(model, dataset, recipe, **kwargs):
-        if current.get("score") == score:
-            recipe = dataclasses.replace(recipe, lr=1e12)
-        return real_train(model, dataset, recipe, **kwargs)
-
-    monkeypatch.setattr(experiment, "kept_indices", kept_indices)
-    monkeypatch.setattr(experiment, "train", train)
-
-
 def test_a_diverged_run_is_recorded_as_failed_and_the_sweep_goes_on(tiny_digits, tmp_path, monkeypatch, capsys):
     study = tmp_path / "study.json"
     study.write_text(json.dumps({"base": "digits", "sparsities": [0.0, 0.5], "seeds": [0], "recipe": {"epochs": 2},
                                  "scoring": {"num_runs": 1, "epoch": 1}}))
-    diverge_runs_of("grand", monkeypatch)
+    diverge_runs_of("grand", monkeypatch.setattr)
     argv = ["sweep", "--preset", str(study), "--store", str(tmp_path / "runs"), "--executor", "inline", "--quiet"]
     assert main(argv) == 1
     out, err = capsys.readouterr()
