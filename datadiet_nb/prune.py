@@ -57,3 +57,77 @@ def class_keep_ratio(labels, kept_indices, num_classes: int) -> np.ndarray:
     kept = np.bincount(labels[np.asarray(kept_indices, dtype=np.int64)], minlength=num_classes).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, kept / np.maximum(total, 1), np.nan)
+
+
+def largest_remainder(shares, total: int, caps=None) -> np.ndarray:
+    """Integers summing to ``total`` (the rounded sum of ``shares``): each share's floor, then one more for the
+    largest fractional parts (ties: the lower index), never above ``caps`` (per entry) when given."""
+    shares = np.asarray(shares, dtype=np.float64)
+    counts = np.floor(shares + 1e-9).astype(np.int64)  # 2.9999999999 is 3
+    room = np.full(len(shares), total) if caps is None else np.asarray(caps, dtype=np.int64) - counts
+    for index in np.lexsort((np.arange(len(shares)), counts - shares)):  # largest remainder first
+        if counts.sum() >= total:
+            break
+        if room[index] > 0:
+            counts[index] += 1
+    return counts
+
+
+def _kept_per_class(labels: np.ndarray, counts: np.ndarray, scores: np.ndarray | None, seed: int | None
+                    ) -> np.ndarray:
+    """``counts[c]`` examples of each class c: its highest scores (ties: the lower index), or with ``scores=None``
+    a uniform draw with ``seed``; ascending int64 indices."""
+    rng = np.random.default_rng(seed)
+    kept = [np.empty(0, dtype=np.int64)]
+    for c, count in enumerate(counts):
+        members = np.flatnonzero(labels == c)
+        if scores is None:
+            kept.append(rng.choice(members, size=count, replace=False))
+        else:
+            kept.append(members[np.lexsort((members, -scores[members]))[:count]])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
+def class_balanced_indices(scores, labels, sparsity: float, num_classes: int, *, seed: int | None = None
+                           ) -> np.ndarray:
+    """The same fraction of every class: round((1 - s) N) examples in all, (1 - s) n_c of class c by largest
+    remainder; within a class the highest scores, or with ``scores=None`` a uniform draw with ``seed``."""
+    check_sparsity(sparsity)
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores is not None:
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != labels.shape or not np.isfinite(scores).all():
+            raise UserError(f"scores must be one finite value per example ({len(labels)}), got shape {scores.shape}")
+    sizes = np.bincount(labels, minlength=num_classes)
+    counts = largest_remainder((1.0 - sparsity) * sizes, num_kept(len(labels), sparsity), caps=sizes)
+    return _kept_per_class(labels, counts, scores, seed)
+
+
+def matched_random_indices(labels, reference_kept, num_classes: int, *, seed: int) -> np.ndarray:
+    """As many examples of each class as ``reference_kept`` holds, drawn uniformly within the class: the ablation
+    that keeps a score's "how many per class" and randomises "which"."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels[np.asarray(reference_kept, dtype=np.int64)], minlength=num_classes)
+    return _kept_per_class(labels, counts, None, seed)
+
+
+def drop_quotas(class_error, class_sizes, n_keep: int) -> np.ndarray:
+    """DRoP's per-class keep counts: proportional to each class's error rate, none above its class size (what a
+    full class cannot take goes to the others, in proportion), summing to ``n_keep``. With no error left among
+    the classes that are not full, the rest is shared in proportion to class size."""
+    error = np.asarray(class_error, dtype=np.float64)
+    sizes = np.asarray(class_sizes, dtype=np.int64)
+    if not 0 <= n_keep <= sizes.sum():
+        raise UserError(f"cannot keep {n_keep} of {sizes.sum()} examples")
+    if not np.isfinite(error).all() or (error < 0).any():
+        raise UserError("class error rates must be finite and >= 0")
+    full = np.zeros(len(sizes), dtype=bool)
+    while True:
+        weights = np.where(full, 0.0, error)
+        if weights.sum() == 0:
+            weights = np.where(full, 0.0, sizes.astype(np.float64))
+        shares = np.where(full, sizes, (n_keep - sizes[full].sum()) * weights / max(weights.sum(), 1e-300))
+        over = ~full & (shares > sizes)
+        if not over.any():
+            return largest_remainder(shares, n_keep, caps=sizes)
+        full |= over

@@ -5,7 +5,8 @@ import pytest
 
 from datadiet_nb.errors import UserError
 from datadiet_nb.metrics import bias_measures, class_accuracy, overall_accuracy
-from datadiet_nb.prune import class_keep_ratio, num_kept, random_indices, select_indices
+from datadiet_nb.prune import (class_balanced_indices, class_keep_ratio, drop_quotas, largest_remainder,
+                               matched_random_indices, num_kept, random_indices, select_indices)
 
 
 def test_select_keeps_round_count_of_highest_scores():
@@ -115,3 +116,74 @@ def test_labels_stored_as_floats_still_count_as_classes():
     labels = np.array([0.0, 0.0, 1.0, 2.0])
     np.testing.assert_array_equal(class_accuracy([0, 1, 1, 2], labels, 3), [0.5, 1.0, 1.0])
     np.testing.assert_array_equal(class_keep_ratio(labels, [0, 3], 3), [0.5, 0.0, 1.0])
+
+
+# --- class-aware rules (issue 12): the same fraction per class, matched counts, DRoP quotas ---------------
+
+def test_largest_remainder_by_hand():
+    assert largest_remainder([1.5, 1.5, 1.0], 4).tolist() == [2, 1, 1]  # a tie goes to the lower index
+    assert largest_remainder([0.4, 0.6], 1).tolist() == [0, 1]
+    assert largest_remainder([2.9999999999, 1.0000000001], 4).tolist() == [3, 1]  # float noise is not a remainder
+    assert largest_remainder([0.9, 0.8, 0.3], 2, caps=[0, 5, 5]).tolist() == [0, 1, 1]  # a full entry is skipped
+
+
+def test_class_balanced_keeps_the_same_fraction_of_every_class():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])  # 3, 2, 5 examples
+    scores = np.array([0.1, 0.9, 0.5, 0.2, 0.3, 0.8, 0.7, 0.1, 0.6, 0.4])
+    # (1 - 0.5) n_c = 1.5, 1, 2.5: floors 1, 1, 2 and the one left (5 = round(0.5 * 10)) to class 0, the lower tie
+    kept = class_balanced_indices(scores, labels, 0.5, 3)
+    assert kept.tolist() == [1, 2, 4, 5, 6] and kept.dtype == np.int64
+    randomly = class_balanced_indices(None, labels, 0.5, 3, seed=0)
+    assert np.bincount(labels[randomly], minlength=3).tolist() == [2, 1, 2] and np.all(np.diff(randomly) > 0)
+    assert np.array_equal(randomly, class_balanced_indices(None, labels, 0.5, 3, seed=0))
+    draws = {tuple(class_balanced_indices(None, labels, 0.5, 3, seed=s)) for s in range(50)}
+    assert len(draws) > 10 and set().union(*draws) == set(range(10))  # uniform within class: every example can be drawn
+    big = np.repeat(np.arange(4), [101, 57, 33, 9])
+    for sparsity in (0.1, 0.3, 0.5, 0.7, 0.9):
+        counts = np.bincount(big[class_balanced_indices(None, big, sparsity, 4, seed=1)], minlength=4)
+        assert counts.sum() == num_kept(200, sparsity)
+        assert np.all(np.abs(counts - (1 - sparsity) * np.array([101, 57, 33, 9])) < 1)
+    with pytest.raises(UserError, match="one finite value per example"):
+        class_balanced_indices(scores[:-1], labels, 0.5, 3)
+
+
+def test_matched_random_takes_the_reference_counts_per_class_at_random_within_class():
+    labels = np.repeat(np.arange(3), [40, 30, 30])
+    reference = select_indices(np.random.default_rng(0).random(100) + 0.5 * (labels == 2), 0.6)
+    matched = matched_random_indices(labels, reference, 3, seed=4)
+    assert np.array_equal(np.bincount(labels[matched], minlength=3), np.bincount(labels[reference], minlength=3))
+    assert matched.dtype == np.int64 and np.all(np.diff(matched) > 0) and not np.array_equal(matched, reference)
+    assert np.array_equal(matched, matched_random_indices(labels, reference, 3, seed=4))
+    assert not np.array_equal(matched, matched_random_indices(labels, reference, 3, seed=5))
+
+
+@pytest.mark.parametrize("error, sizes, n_keep, expected", [
+    ([0.5, 0.1, 0.4], [10, 10, 10], 15, [8, 1, 6]),      # 7.5, 1.5, 6: the .5 tie to the lower class
+    ([0.9, 0.05, 0.05], [5, 100, 100], 60, [5, 28, 27]),  # class 0 full at 5; 55 shared evenly
+    ([0.0, 0.0, 0.0], [10, 20, 30], 30, [5, 10, 15]),    # no error anywhere: by class size
+    ([1.0, 0.0, 0.0], [5, 20, 30], 25, [5, 8, 12]),      # the only erring class full: the rest by size
+    ([0.3, 0.2], [4, 6], 10, [4, 6]),                    # everything kept
+])
+def test_drop_quotas_by_hand(error, sizes, n_keep, expected):
+    quotas = drop_quotas(error, sizes, n_keep)
+    assert quotas.tolist() == expected and quotas.sum() == n_keep and np.all(quotas <= sizes)
+
+
+def test_drop_quotas_sum_to_n_keep_within_class_sizes_and_follow_the_error():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(1, 60, size=rng.integers(2, 12))
+        error = rng.random(len(sizes)) * (rng.random(len(sizes)) < 0.8)
+        n_keep = int(rng.integers(0, sizes.sum() + 1))
+        quotas = drop_quotas(error, sizes, n_keep)
+        assert quotas.sum() == n_keep and np.all((0 <= quotas) & (quotas <= sizes))
+        open_ = quotas < sizes  # the classes not full share what the full ones left, in proportion to error
+        weights = error[open_] if error[open_].sum() > 0 else sizes[open_].astype(float)
+        if open_.any():
+            ideal = (n_keep - sizes[~open_].sum()) * weights / weights.sum()
+            assert np.all(np.abs(quotas[open_] - ideal) < 1.5)
+    for bad, message in (((-0.1, 0.2), ">= 0"), ((np.nan, 0.2), "finite")):
+        with pytest.raises(UserError, match=message):
+            drop_quotas(bad, [5, 5], 4)
+    with pytest.raises(UserError, match="cannot keep 11 of 10 examples"):
+        drop_quotas([0.1, 0.2], [5, 5], 11)
