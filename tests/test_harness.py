@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import nbformat
+
 pytest_plugins = ["pytester"]
 ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 
