@@ -147,6 +147,7 @@ def _produce(store: Store, key: str, what: str, load: Callable[[], T | None], ma
             found = load()  # finished by another process between our look and our claim
             if found is not None:
                 return found
+            store.remove_partial_writes(key)  # of a process killed while writing this job's files
             store.log_event("start", key, what)
             try:
                 result = make()

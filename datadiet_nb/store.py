@@ -11,7 +11,8 @@ Layout of a store::
     events.log                              one line per started / finished / failed / corrupt job
 
 A key is a hash of everything that determines the artefact, so a changed config never finds an
-old file. Every file is written to a temporary file in its folder, fsynced and renamed.
+old file. Every file is written to a temporary file in its folder, fsynced and renamed; one left by a
+writer killed mid-write is deleted by the next holder of its key's claim.
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ class Store:
 
     def checkpoint_path(self, name: str) -> Path:
         return self.root / "checkpoints" / name
+
+    def remove_partial_writes(self, key: str) -> None:
+        """Delete the temporary files a writer of ``key`` killed mid-write left behind (``.<name>.<random>.tmp``).
+
+        Only for the holder of ``key``'s claim: nobody else writes that key's files, so none is in use.
+        """
+        for folder in ("runs", "scores", "checkpoints", "validation", "failed"):
+            for partial in (self.root / folder).glob(f".{key}*.tmp"):
+                partial.unlink(missing_ok=True)
 
     # --- integrity ---------------------------------------------------------------------------
     def quarantine(self, paths: list[Path], reason: str) -> None:

@@ -151,6 +151,22 @@ def test_a_run_killed_during_training_resumes_from_its_checkpoint(tiny_file, tmp
     assert not saves[-1].exists()  # deleted once the record is safe
 
 
+def test_the_temporary_files_of_a_writer_killed_mid_write_are_removed_by_the_next_holder(tiny_digits, tmp_path):
+    """A SIGKILL between writing a temporary file and renaming it leaves ``.<name>.<random>.tmp``; the process
+    that takes the job over deletes those of its own key, and no other key's."""
+    store = Store(tmp_path / "runs")
+    ds = load_dataset(tiny_digits)
+    key = experiment.config_key(experiment.run_config(tiny_digits, ds, "random", 0.5, 0))
+    left = [store.checkpoint_path(f".{key}.pt.k1ll3d.tmp"), store.run_path(key).with_name(f".{key}.json.x8y9.tmp"),
+            store.kept_path(key).with_name(f".{key}.kept.npy.a1b2.tmp")]
+    other = store.checkpoint_path(".0123456789abcdef.pt.z9z9.tmp")
+    for path in [*left, other]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    record = train_run(tiny_digits, ds, "random", 0.5, 0, store)
+    assert record["key"] == key and not any(p.exists() for p in left) and other.exists()
+
+
 # --- a scoring job resumed on purpose ----------------------------------------------------------
 
 @pytest.fixture
