@@ -24,6 +24,11 @@ def check_sparsity(sparsity: float, offset: float = 0.0) -> None:
         raise UserError(f"offset {offset} + keep fraction {1.0 - sparsity:g} exceeds 1: not enough examples to keep")
 
 
+def hardest_first(scores: np.ndarray) -> np.ndarray:
+    """Positions of ``scores`` from the highest score to the lowest; of equal scores the lower position first."""
+    return np.lexsort((np.arange(len(scores)), -scores))  # the last key is the primary one
+
+
 def select_indices(scores, sparsity: float, *, offset: float = 0.0) -> np.ndarray:
     """Indices (int64, ascending) of the round((1-s)N) highest scores, after skipping the top ``offset`` fraction.
 
@@ -36,7 +41,7 @@ def select_indices(scores, sparsity: float, *, offset: float = 0.0) -> np.ndarra
         raise UserError("scores contain NaN or infinite values")
     check_sparsity(sparsity, offset)
     n = len(scores)
-    order = np.lexsort((np.arange(n), -scores))  # hardest first; the last key is the primary one
+    order = hardest_first(scores)
     keep = num_kept(n, sparsity)
     start = min(int(math.floor(offset * n + 0.5)), n - keep)
     kept = order[start:start + keep]
@@ -60,8 +65,8 @@ def class_keep_ratio(labels, kept_indices, num_classes: int) -> np.ndarray:
 
 
 def largest_remainder(shares, total: int, caps=None) -> np.ndarray:
-    """Integers summing to ``total`` (the rounded sum of ``shares``): each share's floor, then one more for the
-    largest fractional parts (ties: the lower index), never above ``caps`` (per entry) when given."""
+    """Integers summing to ``total`` (normally the rounded sum of ``shares``): each share's floor, then one more for
+    the largest fractional parts (ties: the lower index), never above ``caps`` (per entry) when given."""
     shares = np.asarray(shares, dtype=np.float64)
     counts = np.floor(shares + 1e-9).astype(np.int64)  # 2.9999999999 is 3
     room = np.full(len(shares), total) if caps is None else np.asarray(caps, dtype=np.int64) - counts
@@ -84,7 +89,7 @@ def _kept_per_class(labels: np.ndarray, counts: np.ndarray, scores: np.ndarray |
         if scores is None:
             kept.append(rng.choice(members, size=count, replace=False))
         else:
-            kept.append(members[np.lexsort((members, -scores[members]))[:count]])
+            kept.append(members[hardest_first(scores[members])[:count]])
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
