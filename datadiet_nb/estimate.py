@@ -66,12 +66,14 @@ def measure(preset: Preset, dataset: Dataset) -> Costs:
 def job_seconds(preset: Preset, dataset: Dataset, job: Job, costs: Costs) -> float:
     """Estimated seconds of one job of the sweep on the measured device."""
     full = dataset.num_train
-    if job.spec is None:
+    if job.kind == "scores":
+        return 0.0  # the mean of the K scoring runs' arrays
+    if job.kind == "scoring-run":
         recipe, scored = scoring_recipe(preset), scored_dataset(preset, dataset).num_train
         scoring_steps = run_steps(recipe, scored, scored, stop_epoch=preset.scoring.last_epoch)
         step = costs.train_step * recipe.batch_size / preset.recipe.batch_size
         trajectory = len(preset.scoring.trajectory) * scored * costs.eval_example  # EL2N: one forward pass
-        return preset.scoring.num_runs * (scoring_steps * step + scored * costs.score_example + trajectory)
+        return scoring_steps * step + scored * costs.score_example + trajectory
     kept = num_kept(full, job.spec.sparsity)
     steps = run_steps(preset.recipe, kept, full)
     return steps * costs.train_step + len(dataset.test_labels) * costs.eval_example

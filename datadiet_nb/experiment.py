@@ -151,7 +151,7 @@ def _produce(store: Store, key: str, what: str, load: Callable[[], T | None], ma
             store.log_event("start", key, what)
             try:
                 result = make()
-            except Diverged as error:
+            except (Diverged, RunFailed) as error:  # it diverged, or a job it needs (its scores) failed
                 store.save_failure(key, {"what": what, "message": str(error)})
                 store.log_event("failed", key, what)
                 raise RunFailed(f"{what} failed: {error}") from None
@@ -186,21 +186,13 @@ def scores_wanted(preset: Preset) -> dict[int, list[str]]:
 
 
 def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: str, progress: bool) -> dict:
+    """Average the K scoring runs (each computed here, or awaited if another process holds it) and store them."""
     device = resolve_device(preset.device)
     started = time.perf_counter()
-    inputs = data.normalize(dataset.train_images, torch.tensor(dataset.mean), torch.tensor(dataset.std))
-    wanted = scores_wanted(preset)
-    names = [name for epoch in sorted(wanted) for name in wanted[epoch]]
+    names = score_array_names(preset)
     per_run: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for seed in tqdm(preset.scoring.seeds, desc="scoring runs", disable=not progress):
-        finished = store.checkpoint_path(f"{key}-seed{seed}.scores.npz")
-        scores = _read_scores_file(finished, names, dataset.num_train)
-        if scores is None:
-            scores = _scoring_run(preset, dataset, store, key, seed, inputs, wanted, device, progress)
-            write_arrays(finished, **scores)
-            for path in [store.checkpoint_path(f"{key}-seed{seed}.pt"),
-                         *(_epoch_file(store, key, seed, epoch) for epoch in wanted)]:
-                path.unlink(missing_ok=True)
+        scores = compute_scoring_run(preset, dataset, store, seed, progress=progress)
         for name in names:
             per_run[name].append(scores[name])
     arrays = {}
@@ -211,21 +203,76 @@ def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: st
     store.save_scores(key, {**config, "key": key, "seconds": time.perf_counter() - started,
                             "provenance": provenance(device)}, arrays)
     for seed in preset.scoring.seeds:
-        store.checkpoint_path(f"{key}-seed{seed}.scores.npz").unlink(missing_ok=True)
+        scoring_run_file(store, key, seed).unlink(missing_ok=True)
     return store.load_scores(key, dataset.num_train)
 
 
-def _epoch_file(store: Store, key: str, seed: int, epoch: int) -> Path:
-    return store.checkpoint_path(f"{key}-seed{seed}-epoch{epoch}.scores.npz")
+def score_array_names(preset: Preset) -> list[str]:
+    """The arrays each scoring run yields, in the order they are taken (scores and trajectory)."""
+    wanted = scores_wanted(preset)
+    return [name for epoch in sorted(wanted) for name in wanted[epoch]]
 
 
-def _scoring_run(preset: Preset, dataset: Dataset, store: Store, key: str, seed: int, inputs: torch.Tensor,
+def scoring_run_key(scores_key: str, seed: int) -> str:
+    """The store key of one scoring run of the scores ``scores_key`` (its claim, failure and files)."""
+    return f"{scores_key}-seed{seed}"
+
+
+def scoring_run_file(store: Store, scores_key: str, seed: int) -> Path:
+    """Where a finished scoring run's arrays wait until the K runs are averaged (then it is deleted)."""
+    return store.checkpoint_path(f"{scoring_run_key(scores_key, seed)}.scores.npz")
+
+
+def compute_scoring_run(preset: Preset, dataset: Dataset, store: Store, seed: int,
+                        *, progress: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of the scoring run with ``seed`` (one of ``preset.scoring.seeds``), computed once under a claim.
+
+    Each run is a job of its own, so the K runs can train on K workers; once the scores are averaged,
+    a run's arrays are read back from them.
+    """
+    config = scores_config(preset, dataset)
+    key = config_key(config)
+    scored = scored_dataset(preset, dataset)
+    names = score_array_names(preset)
+    finished = scoring_run_file(store, key, seed)
+
+    def load() -> dict[str, np.ndarray] | None:
+        found = _read_scores_file(finished, names, scored.num_train)
+        if found is not None:
+            return found
+        averaged = store.load_scores(key, scored.num_train)
+        if averaged is None:
+            return None
+        row = preset.scoring.seeds.index(seed)
+        return {name: averaged[f"{name}_runs"][row] for name in names}
+
+    def make() -> dict[str, np.ndarray]:
+        run_key = scoring_run_key(key, seed)
+        scores = _scoring_run(preset, scored, store, run_key, seed, scores_wanted(preset),
+                              resolve_device(preset.device), progress)
+        write_arrays(finished, **scores)
+        for path in [store.checkpoint_path(f"{run_key}.pt"),
+                     *(_epoch_file(store, run_key, epoch) for epoch in scores_wanted(preset))]:
+            path.unlink(missing_ok=True)
+        return scores
+
+    if seed not in preset.scoring.seeds:
+        raise UserError(f"seed {seed} is not a scoring seed of {preset.name}: {preset.scoring.seeds}")
+    return _produce(store, scoring_run_key(key, seed), f"scoring run {seed}", load, make)
+
+
+def _epoch_file(store: Store, run_key: str, epoch: int) -> Path:
+    return store.checkpoint_path(f"{run_key}-epoch{epoch}.scores.npz")
+
+
+def _scoring_run(preset: Preset, dataset: Dataset, store: Store, run_key: str, seed: int,
                  wanted: dict[int, list[str]], device: torch.device, progress: bool) -> dict[str, np.ndarray]:
     """One scoring run: train on the scoring recipe, taking (and saving) each wanted score at its epoch."""
     model = seeded_model(preset, dataset, seed).to(device)
+    inputs = data.normalize(dataset.train_images, torch.tensor(dataset.mean), torch.tensor(dataset.std))
 
     def take(epoch: int) -> None:
-        path = _epoch_file(store, key, seed, epoch)
+        path = _epoch_file(store, run_key, epoch)
         if epoch in wanted and _read_scores_file(path, wanted[epoch], dataset.num_train) is None:
             write_arrays(path, **{name: SCORE_FUNCTIONS[name.partition("_at")[0]](
                 model, inputs, dataset.train_labels, batch_size=preset.scoring.batch_size).double().numpy()
@@ -235,11 +282,11 @@ def _scoring_run(preset: Preset, dataset: Dataset, store: Store, key: str, seed:
     last = max(wanted)
     if last > 0:
         train(model, dataset, scoring_recipe(preset), seed=seed, device=device, stop_epoch=last, progress=progress,
-              checkpoint=store.checkpoint_path(f"{key}-seed{seed}.pt"), checkpoint_every=preset.checkpoint_epochs,
+              checkpoint=store.checkpoint_path(f"{run_key}.pt"), checkpoint_every=preset.checkpoint_epochs,
               on_epoch=take)
     scores: dict[str, np.ndarray] = {}
     for epoch, names in wanted.items():
-        found = _read_scores_file(_epoch_file(store, key, seed, epoch), names, dataset.num_train)
+        found = _read_scores_file(_epoch_file(store, run_key, epoch), names, dataset.num_train)
         if found is None:
             raise RuntimeError(f"scoring run {seed} ended before epoch {epoch}: the scoring recipe trains "
                                f"fewer epochs than the scores need")

@@ -161,11 +161,14 @@ class Store:
     def remove_partial_writes(self, key: str) -> None:
         """Delete the temporary files a writer of ``key`` killed mid-write left behind (``.<name>.<random>.tmp``).
 
-        Only for the holder of ``key``'s claim: nobody else writes that key's files, so none is in use.
+        Only for the holder of ``key``'s claim: nobody else writes that key's files (``<key>.<ext>`` and
+        ``<key>-epoch<e>.<ext>``), so none is in use. A key that extends this one (a scoring run's
+        ``<key>-seed<s>``) has its own claim and is left alone.
         """
         for folder in ("runs", "scores", "checkpoints", "validation", "failed"):
-            for partial in (self.root / folder).glob(f".{key}*.tmp"):
-                partial.unlink(missing_ok=True)
+            for pattern in (f".{key}.*.tmp", f".{key}-epoch*.tmp"):
+                for partial in (self.root / folder).glob(pattern):
+                    partial.unlink(missing_ok=True)
 
     # --- integrity ---------------------------------------------------------------------------
     def quarantine(self, paths: list[Path], reason: str) -> None:

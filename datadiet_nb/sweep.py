@@ -17,8 +17,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .experiment import (RunFailed, compute_scores, load_dataset, run_config, scored_dataset, scores_config,
-                         train_run)
+from .experiment import (RunFailed, compute_scores, compute_scoring_run, load_dataset, run_config, scored_dataset,
+                         scores_config, scoring_run_key, train_run)
 from .data import Dataset
 from .presets import DENSE, Preset
 from .errors import UserError
@@ -41,15 +41,23 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work of a sweep: the preset's scores (``spec`` None) or one training run."""
+    """One unit of work of a sweep: a scoring run, the averaging of the scoring runs (the preset's scores),
+    or one training run; ``needs`` holds the keys of the jobs that must be done before it."""
 
     key: str
-    spec: RunSpec | None
-    needs_scores: bool
+    spec: RunSpec | None = None  # a training run's (score, sparsity, seed)
+    scoring_seed: int | None = None  # a scoring run's seed
+    needs: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "run" if self.spec else "scoring-run" if self.scoring_seed is not None else "scores"
 
     @property
     def label(self) -> str:
-        return self.spec.label if self.spec else "scores"
+        if self.spec:
+            return self.spec.label
+        return f"scoring-run-seed{self.scoring_seed}" if self.scoring_seed is not None else "scores"
 
 
 @dataclass
@@ -69,21 +77,31 @@ def plan(preset: Preset) -> list[RunSpec]:
     return runs
 
 
-def jobs(preset: Preset, dataset) -> list[Job]:
-    """The scores job (if any score needs it), then every run, each with its store key."""
-    scored = [s for s in preset.scores if s in SCORES]
-    result = [Job(config_key(scores_config(preset, dataset)), None, False)] if scored else []
+def jobs(preset: Preset, dataset: Dataset) -> list[Job]:
+    """The K scoring runs and their averaging (if any score needs them), then every run; each job after
+    the jobs it needs, so running them in this order never waits."""
+    result: list[Job] = []
+    scores_key = config_key(scores_config(preset, dataset))
+    if any(s in SCORES for s in preset.scores):
+        runs = [Job(scoring_run_key(scores_key, seed), scoring_seed=seed) for seed in preset.scoring.seeds]
+        result += [*runs, Job(scores_key, needs=tuple(job.key for job in runs))]
     for spec in plan(preset):
         key = config_key(run_config(preset, dataset, spec.score, spec.sparsity, spec.seed))
-        result.append(Job(key, spec, spec.score in SCORES))
+        result.append(Job(key, spec, needs=(scores_key,) if spec.score in SCORES else ()))
     return result
 
 
 def job_state(store: Store, job: Job, num_scored: int) -> tuple[str, str]:
     """(``done`` | ``failed`` | ``running`` | ``missing``, detail) of one job in the store
     (``num_scored``: the examples the scores cover, see :func:`~.experiment.scored_dataset`)."""
-    stored = store.load_scores(job.key, num_scored) if job.spec is None else store.load_run(job.key)
-    if stored is not None:
+    if job.kind == "run":
+        done = store.load_run(job.key) is not None
+    elif job.kind == "scores":
+        done = store.load_scores(job.key, num_scored) is not None
+    else:  # a finished scoring run waits in a file until the runs are averaged; afterwards the scores hold it
+        done = (store.checkpoint_path(f"{job.key}.scores.npz").is_file()
+                or store.load_scores(job.key.rpartition("-seed")[0], num_scored) is not None)
+    if done:
         return "done", ""
     failure = store.load_failure(job.key)
     if failure is not None:
@@ -104,33 +122,40 @@ def status(preset: Preset, store: Store) -> list[tuple[Job, str, str]]:
     return [(job, *job_state(store, job, num_scored)) for job in jobs(preset, dataset)]
 
 
+def collect(preset: Preset, dataset: Dataset, store: Store, failures: dict[str, str]) -> SweepOutcome:
+    """The sweep's stored records in plan order, and every failure (those the executor saw and those recorded)."""
+    records, failed = [], dict(failures)
+    for job in jobs(preset, dataset):
+        if job.kind == "run" and (record := store.load_run(job.key)) is not None:
+            records.append(record)
+        elif job.label not in failed and (failure := store.load_failure(job.key)) is not None:
+            failed[job.label] = failure.get("message", "")
+    return SweepOutcome(records, failed)
+
+
 def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[[Job], bool], *,
-              extra_done: Callable[[Job], bool],
-              retry_failed: bool, progress: bool) -> SweepOutcome:
-    """Run every job that is not done, skipping (and coming back for) those another process holds.
+              extra_done: Callable[[Job], bool], progress: bool) -> dict[str, str]:
+    """Run every job that is not done, in this process, skipping (and coming back for) those another process holds.
 
     ``execute`` computes one job (in this process or in a notebook), or returns False when another
-    process is already on it; ``extra_done`` says whether
-    the executor's own output for a stored job exists too (its executed notebook). A failed job
-    is reported and the others go on; a user error (e.g. a full disk) stops the sweep.
+    process is already on it; ``extra_done`` says whether the executor's own output for a stored job
+    exists too (its executed notebook). A failed job is reported and the others go on; a user error
+    (e.g. a full disk) stops the sweep. Returns the failures, by job label.
     """
     todo = jobs(preset, dataset)
+    by_key = {job.key: job for job in todo}
     num_scored = scored_dataset(preset, dataset).num_train
-    scores = next((job for job in todo if job.spec is None), None)
-    if retry_failed:
-        for job in todo:
-            store.clear_failure(job.key)
     failures: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc=f"sweep {preset.name}", unit="job", disable=not progress)
     while todo:
         waiting = []
         for job in todo:
             state, detail = job_state(store, job, num_scored)
-            needed = job_state(store, scores, num_scored)[0] if job.needs_scores and state != "done" else "done"
-            if state == "failed" or needed == "failed":
-                failures[job.label] = detail or "its scores failed"
-            elif state == "running" or needed == "running":
-                waiting.append(job)  # another process holds it (or the scores it needs): come back later
+            needed = [job_state(store, by_key[k], num_scored)[0] for k in job.needs] if state != "done" else []
+            if state == "failed" or "failed" in needed:
+                failures[job.label] = detail or "a job it needs failed"
+            elif state == "running" or "running" in needed:
+                waiting.append(job)  # another process holds it (or a job it needs): come back later
                 continue
             elif state == "missing" or not extra_done(job):
                 bar.set_postfix_str(job.label)
@@ -143,8 +168,7 @@ def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[
             time.sleep(WAIT_POLL_S)
         todo = waiting
     bar.close()
-    records = [store.load_run(job.key) for job in jobs(preset, dataset) if job.spec is not None]
-    return SweepOutcome([r for r in records if r is not None], failures)
+    return failures
 
 
 def _execute(execute: Callable[[Job], bool], job: Job, failures: dict[str, str]) -> bool:
@@ -162,19 +186,54 @@ def _execute(execute: Callable[[Job], bool], job: Job, failures: dict[str, str])
     return True
 
 
+_DATASETS: dict[tuple, Dataset] = {}  # a worker process running many jobs loads each dataset once
+
+
+def _dataset_of(preset: Preset) -> Dataset:
+    key = (preset.dataset, preset.train_per_class)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(preset)
+    return _DATASETS[key]
+
+
+def run_job(preset: Preset, dataset: Dataset, store: Store, job: Job, *, progress: bool = False) -> None:
+    """Compute one job of the sweep in this process: the body every executor runs, wherever it runs it."""
+    if job.kind == "scoring-run":
+        compute_scoring_run(preset, dataset, store, job.scoring_seed, progress=progress)
+    elif job.kind == "scores":
+        compute_scores(preset, dataset, store, progress=progress)
+    else:
+        train_run(preset, dataset, job.spec.score, job.spec.sparsity, job.spec.seed, store, progress=progress)
+
+
+def run_remote_job(preset: Preset, store_root: str, claim_timeout: float | None, job: Job) -> str | None:
+    """A job on a worker of a Ray cluster or a Slurm array: None when done, else why it failed (recorded in
+    the store). Only this short answer travels back; results stay in the store."""
+    try:
+        run_job(preset, _dataset_of(preset), Store(store_root, claim_timeout=claim_timeout), job)
+    except (RunFailed, UserError) as error:
+        return str(error)
+    return None
+
+
+def clear_failures(preset: Preset, dataset: Dataset, store: Store) -> None:
+    """Forget the recorded failures of a preset's jobs, so that a sweep tries them again (``--retry-failed``)."""
+    for job in jobs(preset, dataset):
+        store.clear_failure(job.key)
+
+
 def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
     """Run the whole grid in this process; stored runs are skipped, so this also just collects a finished sweep."""
     dataset = load_dataset(preset)
+    if retry_failed:
+        clear_failures(preset, dataset, store)
 
     def execute(job: Job) -> bool:
-        if job.spec is None:
-            compute_scores(preset, dataset, store, progress=progress)
-        else:
-            train_run(preset, dataset, job.spec.score, job.spec.sparsity, job.spec.seed, store)
+        run_job(preset, dataset, store, job, progress=progress and job.kind != "run")
         return True
 
-    return _schedule(preset, dataset, store, execute, extra_done=lambda job: True, retry_failed=retry_failed,
-                     progress=progress)
+    failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=progress)
+    return collect(preset, dataset, store, failures)
 
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -217,14 +276,20 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     """
     from papermill.exceptions import PapermillExecutionError
 
+    dataset = load_dataset(preset)
     folder = Path(book_runs) / preset.name
     scratch = store.checkpoint_path("notebooks")
     common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
 
-    def notebook(job: Job) -> Path:
-        return folder / "scores.ipynb" if job.spec is None else folder / "train" / f"{job.spec.label}.ipynb"
+    def notebook(job: Job) -> Path | None:
+        if job.kind == "scoring-run":
+            return None  # computed by the scores notebook, which shows all K runs
+        return folder / "scores.ipynb" if job.kind == "scores" else folder / "train" / f"{job.spec.label}.ipynb"
 
     def execute(job: Job) -> bool:
+        if job.kind == "scoring-run":
+            run_job(preset, dataset, store, job, progress=progress)
+            return True
         # The job itself is claimed inside the notebook's kernel; this claim stops a second sweep from
         # starting a kernel for the same job in the seconds before that.
         launch = store.try_claim(f"{job.key}-notebook")
@@ -249,8 +314,11 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
                 raise RunFailed(error.evalue) from None
             raise
 
-    outcome = _schedule(preset, load_dataset(preset), store, execute, extra_done=lambda job: notebook(job).is_file(),
-                        retry_failed=retry_failed, progress=progress)
+    if retry_failed:
+        clear_failures(preset, dataset, store)
+    failures = _schedule(preset, dataset, store, execute, progress=progress,
+                         extra_done=lambda job: notebook(job) is None or notebook(job).is_file())
+    outcome = collect(preset, dataset, store, failures)
     for name, path, parameters in (
             ("analysis", folder / "analysis.ipynb", {**common, "figures": str((folder / "figures").resolve())}),
             ("reproducibility", Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]})):

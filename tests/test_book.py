@@ -180,7 +180,8 @@ def test_two_notebook_sweeps_on_one_store_run_each_job_once(tmp_path):
     assert [p.returncode for p in processes] == [0, 0], [e[-2000:] for e in errors]
     events = [line.split() for line in (tmp_path / "runs" / "events.log").read_text().splitlines()]
     started = [e[4] for e in events if e[3] == "start"]
-    assert len(started) == len(set(started)) == 6  # scores, 4 runs, the validation ranking: each by one process
+    # 2 scoring runs, their average, 4 runs, the validation ranking: each by one process
+    assert len(started) == len(set(started)) == 8
     assert len(list((tmp_path / "book" / "runs" / "digits" / "train").glob("*.ipynb"))) == 4
     assert len(load_results(tmp_path / "runs")) == 4 * 10
 

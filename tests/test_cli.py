@@ -151,8 +151,9 @@ def test_presets_score_train_and_status_print_what_they_computed(tmp_path, capsy
     assert main(["status", "--store", str(store), *TINY]) == 0
     out = capsys.readouterr().out
     total = len(jobs(preset, ds))
-    assert out.splitlines()[-1] == f"digits in {store}: 2 done, 0 running, 0 failed, {total - 2} missing"
-    assert sum(line.startswith("missing") for line in out.splitlines()) == total - 2
+    # done: the scores, their one scoring run (read back from them) and the run
+    assert out.splitlines()[-1] == f"digits in {store}: 3 done, 0 running, 0 failed, {total - 3} missing"
+    assert sum(line.startswith("missing") for line in out.splitlines()) == total - 3
 
 
 def test_ctrl_c_exits_130_with_nothing_half_written_and_the_run_resumes(tmp_path):
@@ -248,10 +249,10 @@ def test_dry_run_lists_the_jobs_and_estimates_without_running_anything(tmp_path,
     store = tmp_path / "runs"
     assert main(["sweep", "--dry-run", "--store", str(store), "--quiet", *TINY, "--set", "sparsities=0,0.5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[:2] for line in lines[:5]] == [
-        ["missing", "scores"], ["missing", "dense-s0-seed0"], ["missing", "el2n-s0.5-seed0"],
-        ["missing", "grand-s0.5-seed0"], ["missing", "random-s0.5-seed0"]]
-    assert lines[-1].startswith("digits: 5 jobs to run, about ") and "ms per training step of 64" in lines[-1]
+    assert [line.split()[:2] for line in lines[:6]] == [
+        ["missing", "scoring-run-seed1000"], ["missing", "scores"], ["missing", "dense-s0-seed0"],
+        ["missing", "el2n-s0.5-seed0"], ["missing", "grand-s0.5-seed0"], ["missing", "random-s0.5-seed0"]]
+    assert lines[-1].startswith("digits: 6 jobs to run, about ") and "ms per training step of 64" in lines[-1]
     assert not store.exists()
 
 

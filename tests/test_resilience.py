@@ -449,14 +449,15 @@ def test_status_lists_done_running_failed_and_missing(tiny_file, tmp_path, capsy
     ds = load_dataset(preset)
     train_run(preset, ds, "dense", 0.0, 0, store)
     states = {job.label: state for job, state, _ in status(preset, store)}
-    assert states == {"scores": "missing", "dense-s0-seed0": "done", "el2n-s0.5-seed0": "missing",
-                      "grand-s0.5-seed0": "missing", "random-s0.5-seed0": "missing"}
+    assert states == {"scoring-run-seed1000": "missing", "scoring-run-seed1001": "missing", "scores": "missing",
+                      "dense-s0-seed0": "done", "el2n-s0.5-seed0": "missing", "grand-s0.5-seed0": "missing",
+                      "random-s0.5-seed0": "missing"}
     random_job = next(job for job in jobs(preset, ds) if job.label == "random-s0.5-seed0")
     claim = store.try_claim(random_job.key)
     assert main(["status", "--preset", str(tiny_file), "--store", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "running  random-s0.5-seed0" in out and f"pid {os.getpid()}" in out
-    assert out.strip().splitlines()[-1].endswith("1 done, 1 running, 0 failed, 3 missing")
+    assert out.strip().splitlines()[-1].endswith("1 done, 1 running, 0 failed, 5 missing")
     claim.release()
 
 
