@@ -13,6 +13,7 @@ import numpy as np
 
 from . import __version__, presets
 from .errors import UserError
+from .executors import EXECUTORS
 from .experiment import RunFailed
 from .presets import PRUNING_SCORES, Preset
 from .train import Diverged
@@ -109,20 +110,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .report import score_labels, summary_table
     from .results import format_table, keep_ratio_table, load_results
     from .store import check_writable
-    from .sweep import run_sweep, run_sweep_notebooks
+    from .sweep import run_sweep, run_sweep_notebooks, sweep_with
 
     preset = _preset(args)
     if args.dry_run:
         return _dry_run(preset, _store(args, writing=False))
+    run_elsewhere = _executor(args, preset)  # bad executor options are refused before the store is touched
     store = _store(args)
     if args.executor == "notebooks":
         check_writable(Path(args.book_runs))
     started = time.perf_counter()
     if args.executor == "inline":
         outcome = run_sweep(preset, store, progress=not args.quiet, retry_failed=args.retry_failed)
-    else:
+    elif args.executor == "notebooks":
         outcome = run_sweep_notebooks(preset, list(args.set or []), store, Path(args.book_runs),
                                       progress=not args.quiet, retry_failed=args.retry_failed)
+    else:
+        outcome = sweep_with(lambda: run_elsewhere(store), preset, store, retry_failed=args.retry_failed)
+        if args.executor == "slurm" and not args.wait:
+            print(f"{preset.name}: jobs submitted to Slurm; `{PROG} status --preset {args.preset} --store "
+                  f"{args.store}` follows them, and the same sweep command with --wait waits for them")
+            return 0
     print(f"\n{preset.name}: {len(outcome.records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
     if outcome.records:
         results = load_results(store, keys=[r["key"] for r in outcome.records])
@@ -135,6 +143,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {label}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
         return 1
     return 0
+
+
+def _executor(args: argparse.Namespace, preset: Preset):
+    """For ``ray`` and ``slurm``: the call that runs the preset's missing jobs there (options checked now)."""
+    progress = not args.quiet
+    if args.executor == "ray":
+        from .executors import ray
+        options = ray.RayOptions(args.ray_address, args.gpus_per_job, args.cpus_per_job)
+        options.validate()
+        return lambda store: ray.run(preset, store, options, progress=progress)
+    if args.executor == "slurm":
+        from .executors import slurm
+        options = slurm.SlurmOptions(args.slurm_partition, args.slurm_gpus_per_job, args.cpus_per_job,
+                                     args.slurm_timeout_min, args.slurm_max_parallel, args.wait)
+        options.validate()
+        return lambda store: slurm.run(preset, store, options, progress=progress)
+    return None
 
 
 def _dry_run(preset: Preset, store) -> int:
@@ -248,8 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", help="write the kept indices (.npy) here")
             sub.add_argument("--force", action="store_true", help="replace an existing --out file")
     sweep = command("sweep", cmd_sweep, "run every (score, sparsity, seed) of a preset and print the results tables")
-    sweep.add_argument("--executor", choices=("notebooks", "inline"), default="notebooks",
-                       help="execute the parameterised notebooks with papermill (default), or call the package directly")
+    sweep.add_argument("--executor", choices=EXECUTORS, default="notebooks",
+                       help="where the jobs run: papermill notebooks (default), this process (inline), Ray tasks, "
+                            "or a Slurm array (submitit)")
+    scale = sweep.add_argument_group("ray and slurm executors")
+    scale.add_argument("--ray-address", help="join this Ray cluster (auto, host:port or ray://host:port); "
+                                             "default: start a local Ray instance with this machine's resources")
+    scale.add_argument("--gpus-per-job", type=float, help="GPUs per Ray task; a fraction packs several runs on one "
+                                                          "GPU (default: 1 where the cluster has GPUs, else 0)")
+    scale.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs per Ray task or Slurm job (default: 1)")
+    scale.add_argument("--slurm-partition", help="the Slurm partition to submit to (required with --executor slurm)")
+    scale.add_argument("--slurm-gpus-per-job", type=int, help="GPUs per Slurm job (default: 1, 0 for a CPU preset)")
+    scale.add_argument("--slurm-timeout-min", type=int, default=240,
+                       help="time limit of each Slurm job; a job that reaches it is requeued and resumes (default: 240)")
+    scale.add_argument("--slurm-max-parallel", type=int, default=64,
+                       help="at most this many jobs of an array run at once (default: 64)")
+    scale.add_argument("--wait", action="store_true", help="with slurm: follow the jobs until all have finished")
     sweep.add_argument("--book-runs", default="book/runs", help="where executed notebooks go (default: book/runs)")
     sweep.add_argument("--retry-failed", action="store_true", help="run again the jobs recorded as failed")
     sweep.add_argument("--dry-run", action="store_true",

@@ -116,10 +116,21 @@ def job_state(store: Store, job: Job, num_scored: int) -> tuple[str, str]:
 
 
 def status(preset: Preset, store: Store) -> list[tuple[Job, str, str]]:
-    """Every job of the preset with its state and detail."""
+    """Every job of the preset with its state and detail (and, for a job submitted to Slurm, its Slurm job)."""
+    from .executors import slurm
+
     dataset = load_dataset(preset)
     num_scored = scored_dataset(preset, dataset).num_train
-    return [(job, *job_state(store, job, num_scored)) for job in jobs(preset, dataset)]
+    states = [(job, *job_state(store, job, num_scored)) for job in jobs(preset, dataset)]
+    if not slurm.jobs_file(store).is_file():
+        return states
+    try:
+        in_queue = slurm.queue()
+    except UserError as error:  # the controller is down or this is another machine: say so, show the store
+        log.warning("%s", error)
+        in_queue = {}
+    return [(job, state, detail if state == "done" else " ".join(filter(None, [
+        detail, slurm.describe(store, job.key, in_queue)]))) for job, state, detail in states]
 
 
 def collect(preset: Preset, dataset: Dataset, store: Store, failures: dict[str, str]) -> SweepOutcome:
@@ -206,9 +217,10 @@ def run_job(preset: Preset, dataset: Dataset, store: Store, job: Job, *, progres
         train_run(preset, dataset, job.spec.score, job.spec.sparsity, job.spec.seed, store, progress=progress)
 
 
-def run_remote_job(preset: Preset, store_root: str, claim_timeout: float | None, job: Job) -> str | None:
+def run_remote_job(preset: Preset, store_root: str, claim_timeout: float | None, job: Job, *needed) -> str | None:
     """A job on a worker of a Ray cluster or a Slurm array: None when done, else why it failed (recorded in
-    the store). Only this short answer travels back; results stay in the store."""
+    the store). Only this short answer travels back; results stay in the store. ``needed``: the answers
+    of the jobs it needs, which an engine passes so as to start it after them (unused: the store has them)."""
     try:
         run_job(preset, _dataset_of(preset), Store(store_root, claim_timeout=claim_timeout), job)
     except (RunFailed, UserError) as error:
@@ -220,6 +232,14 @@ def clear_failures(preset: Preset, dataset: Dataset, store: Store) -> None:
     """Forget the recorded failures of a preset's jobs, so that a sweep tries them again (``--retry-failed``)."""
     for job in jobs(preset, dataset):
         store.clear_failure(job.key)
+
+
+def sweep_with(run: Callable[[], dict[str, str]], preset: Preset, store: Store, *, retry_failed: bool) -> SweepOutcome:
+    """A sweep on an executor: ``run`` runs the preset's missing jobs somewhere and returns the failures it saw."""
+    dataset = load_dataset(preset)
+    if retry_failed:
+        clear_failures(preset, dataset, store)
+    return collect(preset, dataset, store, run())
 
 
 def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
