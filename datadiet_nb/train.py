@@ -73,6 +73,7 @@ class TrainResult:
     epochs: float  # passes over the training subset
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    resumes: list[int] = field(default_factory=list)  # the steps at which the run resumed from its checkpoint
 
 
 class Diverged(RuntimeError):
@@ -113,7 +114,9 @@ class TrainingState:
             log.warning("checkpoint %s cannot be resumed (%s); moved to %s, starting the run afresh",
                         path, error, target.name)
             return 0, TrainResult(steps=0, epochs=0.0)
-        return saved["step"], TrainResult(**saved["result"])
+        result = TrainResult(**saved["result"])
+        result.resumes.append(saved["step"])
+        return saved["step"], result
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 SHARED_CIFAR10_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10.zip"
@@ -138,3 +139,24 @@ sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from helpers import diverge_runs_of
 diverge_runs_of({{score!r}})
 """
+
+
+# --- comparing a study with an uninterrupted reference ----------------------------------------
+
+def table(store: Path) -> pd.DataFrame:
+    from datadiet_nb.results import load_results, summarize
+    return summarize(load_results(store))
+
+
+def predictions_by_key(store: Path) -> dict:
+    from datadiet_nb.store import Store
+    return {r["key"]: r["predictions"] for r in Store(store).records()}
+
+
+def assert_same_study(store: Path, reference: Path) -> None:
+    """Same runs, each recorded once, with predictions equal to the uninterrupted sweep's, bit for bit."""
+    assert predictions_by_key(store) == predictions_by_key(reference)
+    pd.testing.assert_frame_equal(table(store), table(reference))
+    assert not list((store / "claims").glob("*.claim")), "a finished sweep leaves no claim behind"
+    assert not list((store / "checkpoints").glob("*")), "a finished sweep leaves no checkpoint behind"
+    assert not list(store.rglob("*.tmp")), "no half-written file is left"

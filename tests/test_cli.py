@@ -4,7 +4,7 @@ one-line errors that change nothing on disk, Ctrl-C."""
 import contextlib
 import hashlib
 import io
-import json
+
 import logging
 import re
 import signal

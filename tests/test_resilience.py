@@ -14,17 +14,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from datadiet_nb import claims, experiment, presets, store as store_module
 from datadiet_nb.cli import main
 from datadiet_nb.errors import UserError
 from datadiet_nb.experiment import compute_scores, load_dataset, train_run
-from datadiet_nb.results import load_results, summarize
+from datadiet_nb.results import load_results
 from datadiet_nb.store import Store, write_json
 from datadiet_nb.sweep import jobs, run_sweep, status
-from helpers import diverge_runs_of
+from helpers import assert_same_study, diverge_runs_of
 
 TINY_STUDY = """\
 base = "digits"
@@ -49,23 +48,6 @@ def tiny_file(tmp_path) -> Path:
 def sweep_command(preset: Path, store: Path) -> list[str]:
     return [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", str(preset), "--store", str(store),
             "--executor", "inline", "--quiet"]
-
-
-def table(store: Path) -> pd.DataFrame:
-    return summarize(load_results(store))
-
-
-def predictions_by_key(store: Path) -> dict:
-    return {r["key"]: r["predictions"] for r in Store(store).records()}
-
-
-def assert_same_study(store: Path, reference: Path) -> None:
-    """Same runs, each recorded once, with predictions equal to the uninterrupted sweep's, bit for bit."""
-    assert predictions_by_key(store) == predictions_by_key(reference)
-    pd.testing.assert_frame_equal(table(store), table(reference))
-    assert not list((store / "claims").glob("*.claim")), "a finished sweep leaves no claim behind"
-    assert not list((store / "checkpoints").glob("*")), "a finished sweep leaves no checkpoint behind"
-    assert not list(store.rglob("*.tmp")), "no half-written file is left"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ resumes the job from its checkpoint (or finds its record). Ray does not isolate 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..presets import Preset
 from ..store import Store
-from ..sweep import Job, job_state, jobs, load_dataset, run_remote_job, scored_dataset
+from ..sweep import job_state, jobs, load_dataset, run_remote_job, scored_dataset
 
 TASK_RETRIES = 3  # times Ray reruns a task whose worker process or node died
 CONNECT_TIMEOUT_S = 5.0

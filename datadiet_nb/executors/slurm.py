@@ -117,11 +117,15 @@ def run(preset: Preset, store: Store, options: SlurmOptions, *, progress: bool =
                 store.root.resolve(), options.partition)
     dataset = load_dataset(preset)
     num_scored = scored_dataset(preset, dataset).num_train
-    failures, todo = {}, []
+    in_queue, submitted_before = queue(), submitted_jobs(store)
+    failures, todo, slurm_ids = {}, [], {}
     for job in jobs(preset, dataset):
         state, detail = job_state(store, job, num_scored)
+        queued = submitted_before.get(job.key, {}).get("slurm_id")
         if state == "failed":
             failures[job.label] = detail
+        elif state != "done" and queued in in_queue:
+            slurm_ids[job.key] = queued  # submitted by an earlier sweep and still queued: followed, not resubmitted
         elif state != "done":
             todo.append(job)
     executor = submitit.SlurmExecutor(folder=store.root.resolve() / "slurm" / "logs")
@@ -129,7 +133,7 @@ def run(preset: Preset, store: Store, options: SlurmOptions, *, progress: bool =
     executor.update_parameters(partition=options.partition, time=options.timeout_min, gpus_per_node=gpus or None,
                                cpus_per_task=math.ceil(options.cpus_per_job), array_parallelism=options.max_parallel,
                                job_name=f"datadiet-{preset.name}")
-    slurm_ids: dict[str, str] = {}
+    followed = [job for job in jobs(preset, dataset) if job.key in slurm_ids]
     for stage in _stages(todo):
         needed = sorted({slurm_ids[key] for job in stage for key in job.needs if key in slurm_ids})
         executor.update_parameters(dependency=f"afterany:{':'.join(needed)}" if needed else None)
@@ -139,11 +143,13 @@ def run(preset: Preset, store: Store, options: SlurmOptions, *, progress: bool =
         for job, handle in zip(stage, submitted):
             slurm_ids[job.key] = handle.job_id
     _record(store, {job.key: slurm_ids[job.key] for job in todo}, {job.key: job.label for job in todo})
-    if slurm_ids:
-        log.warning("submitted %d Slurm jobs (%s)", len(slurm_ids), ", ".join(sorted({i.split("_")[0] for i in
-                                                                                      slurm_ids.values()})))
+    if todo:
+        log.warning("submitted %d Slurm jobs (%s)", len(todo),
+                    ", ".join(sorted({_base(slurm_ids[job.key]) for job in todo}, key=int)))
+    if followed:
+        log.warning("%d jobs submitted earlier are still queued; not submitted again", len(followed))
     if options.wait:
-        failures.update(follow(preset, store, todo, slurm_ids, progress=progress))
+        failures.update(follow(preset, store, followed + todo, slurm_ids, progress=progress))
     return failures
 
 
