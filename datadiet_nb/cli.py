@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -93,15 +94,60 @@ def cmd_prune(args: argparse.Namespace) -> None:
         print(f"kept indices written to {out}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from .experiment import load_dataset, train_run
 
     preset = _preset(args)
+    if args.nproc > 1:
+        return _torchrun(args, preset)
     dataset = load_dataset(preset)
     record = train_run(preset, dataset, args.score, args.sparsity, args.seed, _store(args), progress=not args.quiet)
     print(f"{record['score']} sparsity {record['sparsity']:g} seed {record['seed']}: "
           f"test accuracy {record['overall_accuracy']:.4f}, std of class accuracy {record['bias']['std']:.4f}, "
           f"worst class {record['bias']['worst']:.4f}  (record {_store(args).run_path(record['key'])})")
+
+
+def _torchrun(args: argparse.Namespace, preset: Preset) -> int:
+    """``train --nproc N``: the run as N DistributedDataParallel processes on this machine (torchrun, standalone),
+    after the preset's scores, computed the same way if the store lacks them."""
+    from .distributed import check_sync_batchnorm
+    from .experiment import load_dataset, run_config
+    from .scores import SCORES
+    from .store import Store
+
+    check_sync_batchnorm(args.sync_batchnorm, preset.device)
+
+    common = ["--preset", args.preset, "--store", args.store, *[f"--set={a}" for a in args.set or []],
+              *(["--quiet"] if args.quiet else []), *(["--sync-batchnorm"] if args.sync_batchnorm else [])]
+    config = run_config(preset, load_dataset(preset), args.score, args.sparsity, args.seed)
+    if config["score"] in SCORES and Store(args.store).load_scores(config["scores_key"]) is None:
+        status = _run_torchrun(args.nproc, ["score", *common])
+        if status:
+            return status
+    return _run_torchrun(args.nproc, ["train", *common, "--score", args.score, "--sparsity", str(args.sparsity),
+                                      "--seed", str(args.seed),
+                                      *(["--offset", str(args.offset)] if args.offset is not None else [])])
+
+
+TORCHRUN_FAILURE_REPORT = b"torch/distributed/elastic/"  # where torchrun's multi-page report of a failed rank starts
+
+
+def _run_torchrun(nproc: int, arguments: list[str]) -> int:
+    """Run ``datadiet_nb.distributed`` under torchrun, passing its output through; a rank's one-line error is
+    shown, torchrun's report of the failed process (a traceback) is not."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "datadiet_nb.distributed", *arguments]
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))  # a share each
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": threads})
+    reported = False
+    for chunk in iter(lambda: process.stderr.read1(4096), b""):
+        reported = reported or TORCHRUN_FAILURE_REPORT in chunk
+        if not reported:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+    return process.wait()
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -268,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--sparsity", type=float, required=True, help="fraction of training examples removed")
         sub.add_argument("--offset", type=float, default=None, help="fraction of the hardest examples skipped")
         sub.add_argument("--seed", type=int, default=0)
+        if name == "train":
+            sub.add_argument("--nproc", type=int, default=1,
+                             help="train as this many DistributedDataParallel processes (torchrun; default: 1)")
+            sub.add_argument("--sync-batchnorm", action="store_true", help="with --nproc: BatchNorm over all ranks")
         if name == "prune":
             sub.add_argument("--scores", help="a .npy file of your own scores, one per training example")
             sub.add_argument("--out", help="write the kept indices (.npy) here")

@@ -357,9 +357,19 @@ def _train_and_record(preset: Preset, dataset: Dataset, config: dict, key: str, 
                 progress=progress, checkpoint=checkpoint, checkpoint_every=preset.checkpoint_epochs)
     predictions = predict(model, dataset.test_images, dataset, batch_size=preset.recipe.eval_batch_size,
                           device=device).numpy()
+    record = run_record(preset, dataset, config, key, store, kept, fit, predictions, device, started)
+    record = store.save_run(key, record, kept)
+    checkpoint.unlink(missing_ok=True)
+    return record  # the stored form (JSON types), identical to what a later call returns
+
+
+def run_record(preset: Preset, dataset: Dataset, config: dict, key: str, store: Store, kept: np.ndarray, fit,
+               predictions: np.ndarray, device: torch.device, started: float, **extra) -> dict:
+    """A finished run's record: its config, test predictions (final epoch), class accuracies and keep ratios,
+    how it trained, and where (provenance); ``extra`` adds fields (e.g. how a distributed run was split)."""
     labels = dataset.test_labels.numpy()
     class_acc = class_accuracy(predictions, labels, dataset.num_classes)
-    record = {
+    return {
         **config, "key": key, "preset": preset.name, "classes": list(dataset.classes),
         "num_kept": int(len(kept)), "kept_file": store.kept_path(key).name,
         "overall_accuracy": overall_accuracy(predictions, labels),
@@ -368,8 +378,5 @@ def _train_and_record(preset: Preset, dataset: Dataset, config: dict, key: str, 
         "bias": bias_measures(class_acc), "predictions": predictions.tolist(), "test_labels": labels.tolist(),
         "train": dataclasses.asdict(fit), "seconds": time.perf_counter() - started,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "provenance": provenance(device),
-        "full_preset": preset.to_dict(),
+        "full_preset": preset.to_dict(), **extra,
     }
-    record = store.save_run(key, record, kept)
-    checkpoint.unlink(missing_ok=True)
-    return record  # the stored form (JSON types), identical to what a later call returns

@@ -13,11 +13,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .data import Dataset, batch_indices, normalize, random_crop_flip
@@ -157,10 +159,41 @@ def parameter_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a DistributedDataParallel run (see :mod:`datadiet_nb.distributed`)."""
+
+    rank: int
+    world_size: int
+
+
+AUGMENT_SEED_STRIDE = 1 << 20  # rank r of a distributed run augments with seed + r * this: other draws per rank
+
+
+def epoch_batches(num: int, batch_size: int, generator: torch.Generator, shard: Shard | None,
+                  epoch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Index batches of one pass over ``range(num)``, the last incomplete batch dropped.
+
+    One process: a permutation drawn from the run's generator. A shard of a distributed run: its
+    disjoint part of that pass (``DistributedSampler``, reshuffled per epoch with ``set_epoch``), in
+    batches of ``batch_size / world_size``, so the global batch and the lr schedule stay the recipe's.
+    """
+    if shard is None:
+        yield from batch_indices(num, batch_size, generator=generator, drop_last=True)
+        return
+    sampler = DistributedSampler(range(num), num_replicas=shard.world_size, rank=shard.rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.int64)
+    local = max(1, batch_size // shard.world_size)
+    for start in range(0, len(order) - len(order) % local, local):
+        yield order[start:start + local]
+
+
 def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indices: torch.Tensor | None = None,
           device: torch.device | str = "cpu", stop_epoch: int | None = None, progress: bool = False,
           checkpoint: Path | None = None, checkpoint_every: int = 0,
-          on_epoch: Callable[[int], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[int], None] | None = None, shard: Shard | None = None) -> TrainResult:
     """Train ``model`` in place on ``dataset.train_images[indices]`` (all when None).
 
     ``stop_epoch`` ends the run after that many passes while keeping the full run's lr schedule
@@ -169,7 +202,10 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
     (0: about every tenth of the run), and a run that finds one resumes from it; on CPU the result
     equals an uninterrupted run's bit for bit. The caller deletes it once the result is stored.
     ``on_epoch(e)`` is called after each complete pass ``e`` (1, 2, ...), before that pass's checkpoint,
-    so whatever it saves survives an interruption (scoring runs score there).
+    so whatever it saves survives an interruption (scoring runs score there). With ``shard``, this
+    process is one rank of a DistributedDataParallel run (process group initialised by the caller):
+    it trains on its part of each pass and gradients are averaged over ranks; ``checkpoint`` is then
+    this rank's own file.
     """
     recipe.validate()
     device = torch.device(device)
@@ -180,7 +216,8 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
     mean, std = (torch.tensor(v, device=device) for v in (dataset.mean, dataset.std))
 
     total = total_steps(recipe, len(indices), dataset.num_train)
-    per_epoch = steps_per_epoch(len(indices), recipe.batch_size)
+    per_epoch = (steps_per_epoch(len(indices), recipe.batch_size) if shard is None else
+                 steps_per_epoch(len(indices) // shard.world_size, max(1, recipe.batch_size // shard.world_size)))
     last_step = run_steps(recipe, len(indices), dataset.num_train, stop_epoch)
 
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
@@ -188,7 +225,9 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
                                 nesterov=recipe.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, total))
     forward = torch.compile(model) if recipe.compile and cuda else model
-    generator = torch.Generator().manual_seed(seed)
+    if shard is not None:
+        forward = DistributedDataParallel(forward, device_ids=[device] if cuda else None)
+    generator = torch.Generator().manual_seed(seed + (shard.rank * AUGMENT_SEED_STRIDE if shard else 0))
 
     state = TrainingState(model, optimizer, scheduler, generator, run={"seed": seed, "steps": last_step,
                                                                        "examples": len(indices)})
@@ -201,7 +240,7 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
     while step < last_step:
         loss_sum = torch.zeros((), device=device)
         batches = 0
-        for batch in batch_indices(len(indices), recipe.batch_size, generator=generator, drop_last=True):
+        for batch in epoch_batches(len(indices), recipe.batch_size, generator, shard, len(result.epoch_losses), seed):
             if step >= last_step:
                 break
             batch = batch.to(device)
@@ -220,6 +259,9 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
             batches += 1
             step += 1
             bar.update()
+        if shard is not None:  # every rank sees the mean over all ranks, so all stop together if it diverged
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= shard.world_size
         epoch_loss = (loss_sum / max(1, batches)).item()
         if not math.isfinite(epoch_loss):
             bar.close()
