@@ -1,7 +1,10 @@
 """The grid of a preset (score x sparsity x seed) as jobs, their state in a store, and running what is missing.
 
-Any number of sweeps may share one store: each job is computed under a claim (see :mod:`.claims`),
-a sweep skips jobs that another process is computing and comes back for them, so the work is split
+The jobs are the K scoring runs, their averaging into the preset's scores, and the training runs
+(those that prune by a score need the scores). This module runs them in this process (``inline``)
+or as papermill notebooks; :mod:`.executors` hands them to Ray or Slurm. Any number of sweeps, on
+any executors, may share one store: each job is computed under a claim (see :mod:`.claims`), a
+sweep skips jobs that another process is computing and comes back for them, so the work is split
 and nothing runs twice. A killed sweep, run again, finds its finished jobs stored and resumes the
 unfinished ones from their checkpoints.
 """

@@ -229,8 +229,10 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
         forward = DistributedDataParallel(forward, device_ids=[device] if cuda else None)
     generator = torch.Generator().manual_seed(seed + (shard.rank * AUGMENT_SEED_STRIDE if shard else 0))
 
-    state = TrainingState(model, optimizer, scheduler, generator, run={"seed": seed, "steps": last_step,
-                                                                       "examples": len(indices)})
+    run = {"seed": seed, "steps": last_step, "examples": len(indices)}
+    if shard is not None:  # a rank's checkpoint resumes only the same rank of a run split the same way
+        run.update(rank=shard.rank, world_size=shard.world_size)
+    state = TrainingState(model, optimizer, scheduler, generator, run=run)
     result, step = TrainResult(steps=0, epochs=0.0), 0
     if checkpoint is not None and checkpoint.is_file():
         step, result = state.load(checkpoint, device)
