@@ -24,7 +24,8 @@ from .errors import UserError
 from .metrics import bias_measures, class_accuracy, overall_accuracy
 from .presets import DENSE, PRUNING_SCORES, Preset
 from .provenance import provenance, resolve_device
-from .prune import check_sparsity, class_keep_ratio, random_indices, select_indices
+from .prune import (RULES, ccs_indices, check_sparsity, class_balanced_indices, class_keep_ratio, drop_indices,
+                    matched_random_indices, random_indices, select_indices)
 from .scores import SCORE_FUNCTIONS
 from .store import WAIT_POLL_S, Store, config_key, read_arrays, read_json, write_arrays, write_json
 from .train import Diverged, predict, train
@@ -306,18 +307,32 @@ def _read_scores_file(path: Path, names: list[str], num_train: int) -> dict[str,
 
 def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, seed: int, store: Store,
                  *, progress: bool = False) -> np.ndarray:
-    """Training indices kept at ``sparsity`` by ``score`` (``random`` draws with ``seed``)."""
+    """Training indices kept at ``sparsity`` by the rule ``score`` (one of :data:`~datadiet_nb.prune.RULES`);
+    rules that draw at random draw with ``seed``."""
     check_sparsity(sparsity, preset.offset_at(sparsity))
     if sparsity == 0:
         return np.arange(dataset.num_train, dtype=np.int64)
+    if score not in RULES:
+        raise UserError(f"unknown score {score!r}; choose from {list(RULES)}")
+    labels, num_classes = dataset.train_labels.numpy(), dataset.num_classes
+    scores = None
+    if RULES[score] is not None:
+        scores = compute_scores(preset, dataset, store, progress=progress)[RULES[score]]
+        if len(scores) != dataset.num_train:  # scored on the full training set; this one is a subset of it
+            scores = scores[dataset.source_indices.numpy()]
     if score == "random":
         return random_indices(dataset.num_train, sparsity, seed=seed)
-    if score not in SCORE_FUNCTIONS:
-        raise UserError(f"unknown score {score!r}; choose from {['random', *SCORE_FUNCTIONS]}")
-    scores = compute_scores(preset, dataset, store, progress=progress)[score]
-    if len(scores) != dataset.num_train:  # scored on the full training set; this one is a subset of it
-        scores = scores[dataset.source_indices.numpy()]
-    return select_indices(scores, sparsity, offset=preset.offset)
+    if score in SCORE_FUNCTIONS:
+        return select_indices(scores, sparsity, offset=preset.offset)
+    if score.endswith("-balanced"):
+        return class_balanced_indices(scores, labels, sparsity, num_classes, seed=seed)
+    if score.endswith("-matched"):
+        reference = select_indices(scores, sparsity, offset=preset.offset)
+        return matched_random_indices(labels, reference, num_classes, seed=seed)
+    if score == "ccs":
+        return ccs_indices(scores, sparsity, beta=preset.ccs_beta, bins=preset.ccs_bins, seed=seed)
+    error = 1.0 - validation_class_accuracy(preset, dataset, store, progress=progress)  # drop, drop-el2n
+    return drop_indices(error, labels, sparsity, num_classes, scores=scores, seed=seed)
 
 
 def run_config(preset: Preset, dataset: Dataset, score: str, sparsity: float, seed: int) -> dict:
@@ -325,8 +340,12 @@ def run_config(preset: Preset, dataset: Dataset, score: str, sparsity: float, se
     score = DENSE if sparsity == 0 else score
     config = {**_model_config(preset, dataset), "score": score, "sparsity": sparsity,
               "offset": preset.offset_at(sparsity), "seed": seed}
-    if score in SCORE_FUNCTIONS:
+    if RULES.get(score) in SCORE_FUNCTIONS:
         config["scores_key"] = config_key(scores_config(preset, dataset))
+    if score == "ccs":
+        config["ccs"] = {"beta": preset.ccs_beta, "bins": preset.ccs_bins}
+    if score.startswith("drop"):
+        config["validation_key"] = config_key(validation_config(preset, dataset))
     return config
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from . import data, models
 from .errors import UserError
-from .prune import check_sparsity
+from .prune import OFFSET_RULES, RULES, check_sparsity
 from .scores import Scoring
 from .train import Recipe
 
-PRUNING_SCORES = ("el2n", "grand", "random")
+PAPER_RULES = ("el2n", "grand", "random")  # what the paper compares; a preset's default
+PRUNING_SCORES = tuple(RULES)  # every rule a preset may name (see prune.RULES)
 DENSE = "dense"  # the score label of a sparsity-0 run: every example kept, whatever the score
 PAPER_SPARSITIES = tuple(round(0.1 * i, 1) for i in range(10))
 SHARED_CIFAR10_ZIP = "../shared/data/cifar10.zip"
@@ -32,13 +33,15 @@ class Preset:
     model_options: dict = field(default_factory=dict)
     recipe: Recipe = Recipe()
     scoring: Scoring = Scoring()
-    scores: tuple[str, ...] = PRUNING_SCORES
+    scores: tuple[str, ...] = PAPER_RULES
     sparsities: tuple[float, ...] = PAPER_SPARSITIES
     seeds: tuple[int, ...] = (0,)
     offset: float = 0.0
     train_per_class: int | None = None  # class-balanced subset of the training set (first n of each class)
     device: str = "auto"
     checkpoint_epochs: int = 0  # save a resumable checkpoint every this many passes (0: about a tenth of a run)
+    ccs_beta: float = 0.1  # CCS: the hardest fraction cut before stratified sampling
+    ccs_bins: int = 50  # CCS: equal-width score strata
 
     def validate(self) -> "Preset":
         data.check_name(self.dataset)
@@ -48,6 +51,15 @@ class Preset:
         unknown = [s for s in self.scores if s not in PRUNING_SCORES]
         if unknown:
             raise UserError(f"unknown score {unknown[0]!r}; choose from {list(PRUNING_SCORES)}")
+        no_offset = [s for s in self.scores if s not in OFFSET_RULES + ("random",)]  # random ignores it, as always
+        if self.offset and no_offset:
+            raise UserError(f"an offset applies only to the rules {list(OFFSET_RULES)}, not {no_offset}")
+        if "ccs" in self.scores:
+            if not 0 <= self.ccs_beta < 1 or self.ccs_bins < 1:
+                raise UserError(f"ccs_beta must be in [0, 1) and ccs_bins >= 1, got {self.ccs_beta:g}, {self.ccs_bins}")
+            if any(0 < s < self.ccs_beta for s in self.sparsities):
+                raise UserError(f"ccs with ccs_beta={self.ccs_beta:g} cuts more than sparsity "
+                                f"{min(s for s in self.sparsities if s > 0):g} removes; lower ccs_beta")
         if not self.sparsities or not self.seeds:
             raise UserError("a preset needs at least one sparsity and one seed")
         for sparsity in self.sparsities:

@@ -9,6 +9,17 @@ import numpy as np
 from .errors import UserError
 
 
+# Every selection rule a preset can name, and the stored score it ranks or draws by (None: none).
+RULES: dict[str, str | None] = {
+    "el2n": "el2n", "grand": "grand", "random": None,  # the paper's: the highest scores / uniform over the set
+    "random-balanced": None, "el2n-balanced": "el2n", "grand-balanced": "grand",  # the same fraction of every class
+    "el2n-matched": "el2n", "grand-matched": "grand",  # the score's per-class counts, uniform within class
+    "ccs": "el2n",  # coverage-centric coreset selection over EL2N
+    "drop": None, "drop-el2n": "el2n",  # DRoP's error-proportional quotas; within class at random / by EL2N
+}
+OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched")  # the rules that rank the whole set by a score
+
+
 def num_kept(num_examples: int, sparsity: float) -> int:
     """n_keep = round((1 - s) * N), halves rounded up (not to even)."""
     return int(math.floor((1.0 - sparsity) * num_examples + 0.5))
@@ -116,6 +127,15 @@ def matched_random_indices(labels, reference_kept, num_classes: int, *, seed: in
     return _kept_per_class(labels, counts, None, seed)
 
 
+def drop_indices(class_error, labels, sparsity: float, num_classes: int, *, scores=None, seed: int) -> np.ndarray:
+    """DRoP (Vysogorets et al., ICLR 2025): :func:`drop_quotas` of round((1 - s) N) examples from the classes'
+    error rates; within a class uniformly at random (``seed``), or the highest ``scores``."""
+    check_sparsity(sparsity)
+    labels = np.asarray(labels, dtype=np.int64)
+    quotas = drop_quotas(class_error, np.bincount(labels, minlength=num_classes), num_kept(len(labels), sparsity))
+    return _kept_per_class(labels, quotas, None if scores is None else np.asarray(scores, dtype=np.float64), seed)
+
+
 def drop_quotas(class_error, class_sizes, n_keep: int) -> np.ndarray:
     """DRoP's per-class keep counts: proportional to each class's error rate, none above its class size (what a
     full class cannot take goes to the others, in proportion), summing to ``n_keep``. With no error left among
@@ -136,3 +156,39 @@ def drop_quotas(class_error, class_sizes, n_keep: int) -> np.ndarray:
         if not over.any():
             return largest_remainder(shares, n_keep, caps=sizes)
         full |= over
+
+
+def ccs_bins(scores, beta: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """CCS's strata: (the indices left once the hardest ``beta`` fraction is cut, each one's bin in ``range(bins)``),
+    bins of equal width over the remaining scores' range (the last bin includes the maximum)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = hardest_first(scores)
+    left = np.sort(order[round(beta * len(scores)):])
+    low, high = scores[left].min(), scores[left].max()
+    width = (high - low) / bins
+    which = np.zeros(len(left), dtype=np.int64) if width == 0 else np.minimum(
+        ((scores[left] - low) / width).astype(np.int64), bins - 1)
+    return left, which
+
+
+def ccs_indices(scores, sparsity: float, *, beta: float, bins: int, seed: int) -> np.ndarray:
+    """Coverage-centric coreset selection (Zheng et al., ICLR 2023): cut the hardest ``beta`` fraction, cut the rest
+    into ``bins`` equal-width score strata, then, smallest stratum first, take from each stratum
+    min(its size, budget left / strata left) examples uniformly at random (``seed``); ascending int64 indices."""
+    check_sparsity(sparsity)
+    if not 0 <= beta < 1 or bins < 1:
+        raise UserError(f"CCS needs 0 <= beta < 1 and bins >= 1, got beta={beta:g}, bins={bins}")
+    scores = np.asarray(scores, dtype=np.float64)
+    budget = num_kept(len(scores), sparsity)
+    left, which = ccs_bins(scores, beta, bins)
+    if budget > len(left):
+        raise UserError(f"CCS with beta={beta:g} keeps at most {len(left)} of {len(scores)} examples, but sparsity "
+                        f"{sparsity:g} keeps {budget}: lower beta or raise the sparsity")
+    rng = np.random.default_rng(seed)
+    strata = sorted((np.flatnonzero(which == b) for b in range(bins)), key=len)  # stable: lower bin first on ties
+    kept = [np.empty(0, dtype=np.int64)]
+    for remaining, stratum in zip(range(len(strata), 0, -1), strata):
+        take = min(len(stratum), budget // remaining)
+        kept.append(left[rng.choice(stratum, size=take, replace=False)])
+        budget -= take
+    return np.sort(np.concatenate(kept)).astype(np.int64)

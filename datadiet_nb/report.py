@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .presets import DENSE, PRUNING_SCORES, Preset
+from .prune import RULES
 from .results import summarize
 from .scores import SCORES
 from .store import Store
@@ -25,7 +26,12 @@ def pruning_scores(results: pd.DataFrame) -> list[str]:
 
 def score_labels(preset: Preset) -> dict[str, str]:
     """Display names of the scores with their scoring epoch (``EL2N@20``), as figures and tables show them."""
-    return {DENSE: "Dense", "random": "Random", **{s: preset.scoring.label(s) for s in SCORES}}
+    labels = {DENSE: "Dense", "random": "Random", "ccs": f"CCS ({preset.scoring.label('el2n')})", "drop": "DRoP",
+              "drop-el2n": f"DRoP ({preset.scoring.label('el2n')})", **{s: preset.scoring.label(s) for s in SCORES}}
+    for rule, base in RULES.items():
+        if rule not in labels:  # random-balanced, el2n-matched, ...: the base's name and how it differs
+            labels[rule] = f"{labels.get(base or 'random')} {rule.rpartition('-')[2]}"
+    return labels
 
 
 def _nearest(results: pd.DataFrame, score: str, target: float) -> float | None:

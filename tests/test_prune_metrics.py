@@ -5,8 +5,8 @@ import pytest
 
 from datadiet_nb.errors import UserError
 from datadiet_nb.metrics import bias_measures, class_accuracy, overall_accuracy
-from datadiet_nb.prune import (class_balanced_indices, class_keep_ratio, drop_quotas, largest_remainder,
-                               matched_random_indices, num_kept, random_indices, select_indices)
+from datadiet_nb.prune import (ccs_bins, ccs_indices, class_balanced_indices, class_keep_ratio, drop_quotas,
+                               largest_remainder, matched_random_indices, num_kept, random_indices, select_indices)
 
 
 def test_select_keeps_round_count_of_highest_scores():
@@ -187,3 +187,38 @@ def test_drop_quotas_sum_to_n_keep_within_class_sizes_and_follow_the_error():
             drop_quotas(bad, [5, 5], 4)
     with pytest.raises(UserError, match="cannot keep 11 of 10 examples"):
         drop_quotas([0.1, 0.2], [5, 5], 11)
+
+
+# --- CCS -------------------------------------------------------------------------------------------
+
+def test_ccs_cuts_the_hardest_beta_and_bins_the_rest_by_equal_width():
+    scores = np.array([0.0, 9.0, 1.0, 2.5, 10.0, 4.0, 3.0, 5.0, 7.4, 6.0])
+    left, which = ccs_bins(scores, beta=0.2, bins=4)  # the 2 hardest (10.0, 9.0) go; range [0, 7.4], width 1.85
+    assert left.tolist() == [0, 2, 3, 5, 6, 7, 8, 9]
+    assert which.tolist() == [0, 0, 1, 2, 1, 2, 3, 3]  # 0.0 1.0 | 2.5 3.0 | 4.0 5.0 | 6.0 7.4 (the max in the last)
+
+
+def test_ccs_takes_evenly_from_the_strata_smallest_first():
+    # 4 bins of width 2 over [0, 8]: sizes 1, 2, 3, 6 after cutting nothing (beta 0); keep 8 of 12
+    scores = np.array([0.0, 2.5, 2.6, 4.5, 4.6, 4.7, 6.1, 6.2, 6.3, 6.4, 6.5, 8.0])
+    kept = ccs_indices(scores, sparsity=1 - 8 / 12, beta=0.0, bins=4, seed=0)
+    assert kept.dtype == np.int64 and np.all(np.diff(kept) > 0) and len(kept) == 8
+    bins = np.minimum(scores[kept] // 2, 3).astype(int)
+    # budget 8 over 4 strata: the 1 of bin 0, then min(2, 7 // 3) = 2, min(3, 5 // 2) = 2, then the last 3 of bin 3
+    assert np.bincount(bins, minlength=4).tolist() == [1, 2, 2, 3]
+    assert np.array_equal(kept, ccs_indices(scores, sparsity=1 - 8 / 12, beta=0.0, bins=4, seed=0))
+    assert not np.array_equal(kept, ccs_indices(scores, sparsity=1 - 8 / 12, beta=0.0, bins=4, seed=1))
+
+
+def test_ccs_never_keeps_the_cut_examples_and_keeps_round_1_minus_s_n():
+    rng = np.random.default_rng(3)
+    scores = rng.gamma(2.0, size=500)
+    hardest = set(np.argsort(-scores, kind="stable")[:50].tolist())
+    for sparsity in (0.1, 0.5, 0.9):
+        kept = ccs_indices(scores, sparsity=sparsity, beta=0.1, bins=20, seed=0)
+        assert len(kept) == round((1 - sparsity) * 500) and not hardest & set(kept.tolist())
+
+
+def test_ccs_refuses_a_beta_that_leaves_too_few_examples():
+    with pytest.raises(UserError, match="CCS with beta=0.3 keeps at most 7 of 10 examples, but sparsity 0.1 keeps 9"):
+        ccs_indices(np.arange(10.0), sparsity=0.1, beta=0.3, bins=2, seed=0)
