@@ -1,8 +1,17 @@
-"""Class-wise accuracy and the bias measures of a vector of per-class accuracies (numpy only)."""
+"""Class-wise accuracy and the measures of class-wise bias (numpy only).
+
+:func:`spread` measures one run's class accuracies (vectorised, so the bootstrap can measure thousands of
+replicates at once); :func:`change_vs_dense` compares a run with the dense run of the same seed.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from scipy.stats import rankdata
+
+WORST_FRACTION = 0.1  # "worst 10 %": the mean over the worst tenth of the classes (at least one class)
 
 
 def class_accuracy(predictions, labels, num_classes: int) -> np.ndarray:
@@ -21,9 +30,38 @@ def overall_accuracy(predictions, labels) -> float:
     return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
 
 
-def bias_measures(class_acc) -> dict[str, float]:
-    """Spread of per-class accuracies: population std across classes, worst, best, and max - min gap."""
+def spread(class_acc: np.ndarray) -> dict[str, np.ndarray]:
+    """Spread of class accuracies over the last axis ([..., C]): population std, worst, best, max - min gap,
+    coefficient of variation (std / mean) and the mean of the worst :data:`WORST_FRACTION` of classes."""
     acc = np.asarray(class_acc, dtype=np.float64)
-    acc = acc[~np.isnan(acc)]
-    return {"std": float(acc.std(ddof=0)), "worst": float(acc.min()), "best": float(acc.max()),
-            "gap": float(acc.max() - acc.min())}
+    worst_k = max(1, math.ceil(WORST_FRACTION * acc.shape[-1]))
+    std, mean = acc.std(-1), acc.mean(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cv = np.where(mean > 0, std / np.maximum(mean, 1e-300), np.nan)
+    return {"std": std, "worst": acc.min(-1), "best": acc.max(-1), "gap": acc.max(-1) - acc.min(-1), "cv": cv,
+            "worst_10pct": np.sort(acc, axis=-1)[..., :worst_k].mean(-1)}
+
+
+def bias_measures(class_acc) -> dict[str, float]:
+    """:func:`spread` of one run's class accuracies, classes without test examples (NaN) left out."""
+    acc = np.asarray(class_acc, dtype=np.float64)
+    return {name: float(value) for name, value in spread(acc[~np.isnan(acc)]).items()}
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho between ``a`` and ``b`` over the last axis (broadcast; ties get average ranks); NaN where
+    either is constant."""
+    ra, rb = rankdata(a, axis=-1), rankdata(b, axis=-1)
+    ra, rb = ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True)
+    norm = np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, (ra * rb).sum(-1) / np.where(norm > 0, norm, 1.0), np.nan)
+
+
+def change_vs_dense(class_acc: np.ndarray, dense_class_acc: np.ndarray, keep_ratio: np.ndarray) -> dict[str, np.ndarray]:
+    """A pruned run against the dense run of the same seed (last axis: classes): the mean absolute change of
+    class accuracy, and the rank correlation between the run's class keep ratio and the dense class error
+    (positive: the rule keeps more of the classes the dense model gets wrong)."""
+    acc, dense = np.asarray(class_acc, dtype=np.float64), np.asarray(dense_class_acc, dtype=np.float64)
+    return {"mean_abs_change": np.abs(acc - dense).mean(-1),
+            "keep_error_spearman": rank_correlation(np.broadcast_to(keep_ratio, dense.shape), 1.0 - dense)}

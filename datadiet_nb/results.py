@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable
 
 import numpy as np
@@ -42,6 +43,7 @@ def load_results(store: str | os.PathLike | Store, keys: Iterable[str] | None = 
 
 
 SUMMARY_STATISTICS = stats.RUN_STATISTICS
+PER_CLASS_KEY = re.compile(r"class_\d+(_lo|_hi)?")  # summarize_group's per-class accuracies (class_summary's)
 
 
 def _groups(results: pd.DataFrame):
@@ -60,8 +62,10 @@ def _correct(runs: pd.DataFrame) -> list[np.ndarray]:
 
 def summarize(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES) -> pd.DataFrame:
     """One row per (score, sparsity): mean over seeds and 95 % bootstrap interval (``_lo``, ``_hi``) of the overall
-    accuracy, the std of class accuracies (raw, and ``class_std_corrected`` for test-set noise) and the worst class
-    accuracy; ``worst_class`` (the most frequent worst class), ``num_seeds``, and ``std_below_dense_p``: the one-sided
+    accuracy, the std of class accuracies (raw, and ``class_std_corrected`` for test-set noise), the worst class
+    accuracy, the max - min gap, the coefficient of variation, the mean of the worst 10 % of classes, and against
+    the dense run of the same seed the mean absolute change of class accuracy and the rank correlation of class
+    keep ratio with dense class error (NaN without dense runs); ``worst_class`` (the most frequent worst class), ``num_seeds``, and ``std_below_dense_p``: the one-sided
     paired t-test (pruned vs dense run of the same seed) that the class std is below dense (NaN for the dense row
     or with fewer than two paired seeds). See :mod:`datadiet_nb.stats` for the method."""
     per_run = results.drop_duplicates("key").set_index(["score", "seed"])
@@ -69,17 +73,27 @@ def summarize(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES) 
     rows = []
     for score, sparsity, runs in _groups(results):
         row = {k: v for k, v in stats.summarize_group(_correct(runs), samples=samples).items()
-               if not k.startswith("class_") or k.startswith(("class_std",))}
+               if not PER_CLASS_KEY.fullmatch(k)}
         worst = runs.loc[runs.groupby("key")["class_accuracy"].idxmin(), "class"]
         seeds = sorted(runs["seed"].unique())
         paired = [s for s in seeds if s in dense_std.index]
         p = float("nan") if score == DENSE else stats.paired_below_p(
             per_run.loc[[(score, s) for s in paired]].query("sparsity == @sparsity")["class_std"].to_numpy(),
             dense_std.loc[paired].to_numpy())
-        rows.append({"score": score, "sparsity": sparsity, **row, "worst_class": worst.mode().iloc[0],
-                     "std_below_dense_p": p, "num_seeds": len(seeds)})
+        rows.append({"score": score, "sparsity": sparsity, **row, **_vs_dense(results, score, runs, paired, samples),
+                     "worst_class": worst.mode().iloc[0], "std_below_dense_p": p, "num_seeds": len(seeds)})
     table = pd.DataFrame(rows)
     return table.sort_values(["sparsity", "score"], ignore_index=True)
+
+
+def _vs_dense(results: pd.DataFrame, score: str, runs: pd.DataFrame, paired: list, samples: int) -> dict[str, float]:
+    """:func:`stats.summarize_vs_dense` of one grid point's runs that have a dense run of their seed (NaN if none)."""
+    if score == DENSE or not paired:
+        return {f"{name}{end}": float("nan") for name in stats.VS_DENSE_STATISTICS for end in ("", "_lo", "_hi")}
+    pruned = runs[runs["seed"].isin(paired)]
+    twins = results[(results["score"] == DENSE) & results["seed"].isin(paired)].sort_values(["seed", "class_index"])
+    keep = pruned.pivot_table(index="seed", columns="class_index", values="keep_ratio").to_numpy()
+    return stats.summarize_vs_dense(_correct(pruned), _correct(twins), keep, samples=samples)
 
 
 def class_summary(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES) -> pd.DataFrame:

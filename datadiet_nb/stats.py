@@ -13,10 +13,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as scipy_stats
 
+from .metrics import change_vs_dense, spread
+
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # the bootstrap is seeded: the same records give the same intervals
-RUN_STATISTICS = ("overall_accuracy", "class_std", "class_std_corrected", "worst_class_accuracy")
+RUN_STATISTICS = ("overall_accuracy", "class_std", "class_std_corrected", "worst_class_accuracy", "class_gap",
+                  "class_cv", "worst_10pct_accuracy")
+VS_DENSE_STATISTICS = ("mean_abs_change", "keep_error_spearman")  # of a pruned run against the dense run of its seed
 
 
 def corrected_std(class_acc: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
@@ -30,11 +34,14 @@ def corrected_std(class_acc: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
 
 
 def run_statistics(class_acc: np.ndarray, class_sizes: np.ndarray) -> dict[str, np.ndarray]:
-    """Per run (rows of ``class_acc`` [..., C]): overall accuracy, class std (raw and corrected), worst class."""
+    """Per run (rows of ``class_acc`` [..., C]): overall accuracy, class std (raw and corrected), worst class,
+    max - min gap, coefficient of variation and the mean of the worst 10 % of classes (see :func:`.metrics.spread`)."""
     acc = np.asarray(class_acc, dtype=np.float64)
     sizes = np.asarray(class_sizes, dtype=np.float64)
-    return {"overall_accuracy": (acc * sizes).sum(-1) / sizes.sum(), "class_std": acc.std(-1),
-            "class_std_corrected": corrected_std(acc, sizes), "worst_class_accuracy": acc.min(-1)}
+    measures = spread(acc)
+    return {"overall_accuracy": (acc * sizes).sum(-1) / sizes.sum(), "class_std": measures["std"],
+            "class_std_corrected": corrected_std(acc, sizes), "worst_class_accuracy": measures["worst"],
+            "class_gap": measures["gap"], "class_cv": measures["cv"], "worst_10pct_accuracy": measures["worst_10pct"]}
 
 
 def bootstrap_class_accuracy(correct: list[np.ndarray], *, samples: int = BOOTSTRAP_SAMPLES,
@@ -82,6 +89,26 @@ def summarize_group(correct: list[np.ndarray], *, samples: int = BOOTSTRAP_SAMPL
     for c in range(len(correct)):
         row[f"class_{c}"] = float(observed[:, c].mean())
         row[f"class_{c}_lo"], row[f"class_{c}_hi"] = interval(seed_means(replicates[:, :, c], rng))
+    return row
+
+
+def summarize_vs_dense(correct: list[np.ndarray], dense: list[np.ndarray], keep_ratio: np.ndarray, *,
+                       samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+    """Mean over seeds and 95 % interval of :func:`.metrics.change_vs_dense` for runs paired with the dense runs of
+    their seeds (``correct`` and ``dense``: per class, [runs, n_c] hits in the same seed order; ``keep_ratio``
+    [runs, C]). A replicate draws the same test images for a run and its dense twin, then the seeds."""
+    rng = np.random.default_rng(seed)
+    runs = correct[0].shape[0]
+    both = [np.concatenate([pruned, twin]) for pruned, twin in zip(correct, dense)]
+    observed = np.stack([hits.mean(1) for hits in both], axis=1)  # [2 runs, classes]
+    replicates = bootstrap_class_accuracy(both, samples=samples, rng=rng)
+    point = change_vs_dense(observed[:runs], observed[runs:], keep_ratio)
+    boot = change_vs_dense(replicates[:, :runs], replicates[:, runs:], keep_ratio)
+    row: dict[str, float] = {}
+    for name in VS_DENSE_STATISTICS:
+        row[name] = float(point[name].mean())
+        drawn = seed_means(boot[name], rng)
+        row[f"{name}_lo"], row[f"{name}_hi"] = ((float("nan"),) * 2 if np.isnan(drawn).any() else interval(drawn))
     return row
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from datadiet_nb.errors import UserError
-from datadiet_nb.metrics import bias_measures, class_accuracy, overall_accuracy
+from datadiet_nb.metrics import bias_measures, change_vs_dense, class_accuracy, overall_accuracy, rank_correlation
 from datadiet_nb.prune import (ccs_bins, ccs_indices, class_balanced_indices, class_keep_ratio, drop_quotas,
                                largest_remainder, matched_random_indices, num_kept, random_indices, select_indices)
 
@@ -93,6 +93,31 @@ def test_class_accuracy_and_bias_by_hand():
     assert bias["std"] == pytest.approx(np.std([0.5, 2 / 3, 0.8]))
     assert (bias["worst"], bias["best"]) == (0.5, 0.8)
     assert bias["gap"] == pytest.approx(0.3)
+    assert bias["cv"] == pytest.approx(np.std([0.5, 2 / 3, 0.8]) / np.mean([0.5, 2 / 3, 0.8]))
+    assert bias["worst_10pct"] == 0.5  # 3 classes: the worst one
+
+
+def test_the_worst_10_percent_is_the_mean_of_the_worst_tenth_of_the_classes_rounded_up():
+    acc = np.linspace(0.05, 1.0, 20)  # 20 classes: the worst 2
+    assert bias_measures(acc)["worst_10pct"] == pytest.approx((0.05 + 0.1) / 2)
+    acc = np.linspace(0.01, 1.0, 100)  # 100 classes: the worst 10
+    assert bias_measures(acc)["worst_10pct"] == pytest.approx(np.mean(acc[:10]))
+    assert bias_measures(np.linspace(0.1, 1.0, 11))["worst_10pct"] == pytest.approx((0.1 + 0.19) / 2)  # 11: worst 2
+
+
+def test_change_vs_dense_by_hand():
+    acc, dense, keep = np.array([0.6, 0.9, 0.7]), np.array([0.8, 0.9, 0.4]), np.array([0.5, 0.2, 0.9])
+    got = change_vs_dense(acc, dense, keep)
+    assert got["mean_abs_change"] == pytest.approx((0.2 + 0.0 + 0.3) / 3)
+    # dense error 0.2, 0.1, 0.6 ranks 2, 1, 3; keep ratio ranks 2, 1, 3: rho = 1
+    assert got["keep_error_spearman"] == pytest.approx(1.0)
+    # reversed keep ratio ranks 3, 1, 2 against 2, 1, 3: d = 1, 0, -1, rho = 1 - 6 * 2 / (3 * 8) = 0.5
+    assert change_vs_dense(acc, dense, keep[::-1])["keep_error_spearman"] == pytest.approx(0.5)
+    assert np.isnan(change_vs_dense(acc, dense, np.full(3, 0.5))["keep_error_spearman"])  # a balanced rule: no ranking
+    from scipy.stats import spearmanr
+    rng = np.random.default_rng(0)
+    a, b = rng.random((5, 10)), rng.random((5, 10))
+    np.testing.assert_allclose(rank_correlation(a, b), [spearmanr(x, y).statistic for x, y in zip(a, b)])
 
 
 def test_class_accuracy_with_a_missing_class_a_single_example_and_a_class_never_right():
@@ -103,7 +128,8 @@ def test_class_accuracy_with_a_missing_class_a_single_example_and_a_class_never_
     assert np.isnan(acc[3]) and acc.shape == (4,)
     with pytest.raises(ValueError, match=r"\(4,\) predictions for \(5,\) labels"):
         class_accuracy(predictions[:4], labels, 4)
-    assert bias_measures(acc) == pytest.approx({"std": np.std([0.5, 1.0, 0.0]), "worst": 0.0, "best": 1.0, "gap": 1.0})
+    assert bias_measures(acc) == pytest.approx({"std": np.std([0.5, 1.0, 0.0]), "worst": 0.0, "best": 1.0, "gap": 1.0,
+                                                "cv": np.std([0.5, 1.0, 0.0]) / 0.5, "worst_10pct": 0.0})
 
 
 def test_class_keep_ratio_of_an_empty_selection_and_of_a_one_example_class():

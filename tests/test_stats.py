@@ -138,7 +138,8 @@ def test_summarize_without_a_dense_run_has_no_p_values_and_exactly_its_columns()
     hits = {("el2n", 0.5, s): hits_with([0.8, 0.6], 40, rng) for s in (0, 1)}
     table = summarize(frame(hits), samples=1)
     assert table.index.equals(pd.RangeIndex(1)) and np.isnan(table.loc[0, "std_below_dense_p"])
-    interval_columns = [f"{n}{suffix}" for n in stats.RUN_STATISTICS for suffix in ("", "_lo", "_hi")]
+    interval_columns = [f"{n}{suffix}" for n in stats.RUN_STATISTICS + stats.VS_DENSE_STATISTICS
+                        for suffix in ("", "_lo", "_hi")]
     assert sorted(table.columns) == sorted(["score", "sparsity", *interval_columns, "worst_class",
                                             "std_below_dense_p", "num_seeds"])
     for name in stats.RUN_STATISTICS:  # one bootstrap replicate: the requested size is used (zero width)
@@ -152,3 +153,22 @@ def test_the_percentile_interval_by_hand():
     values = np.arange(1001.0)  # the q-th percentile of 0..1000 is 10 q
     assert stats.interval(values) == pytest.approx((25.0, 975.0), abs=1e-9)
     assert stats.interval(values, confidence=0.5) == pytest.approx((250.0, 750.0), abs=1e-9)
+
+
+def test_change_vs_dense_is_paired_by_seed_with_intervals():
+    rng = np.random.default_rng(7)
+    hits = {("dense", 0.0, s): hits_with([0.9, 0.6, 0.8], 300, rng) for s in (0, 1, 2)}
+    hits |= {("el2n", 0.5, s): hits_with([0.85, 0.75, 0.8], 300, rng) for s in (0, 1, 2)}
+    results = frame(hits)
+    keep = {0: 0.3, 1: 0.9, 2: 0.5}  # most kept of the class the dense model gets most wrong (c1)
+    results.loc[results["score"] == "el2n", "keep_ratio"] = results["class_index"].map(keep)
+    row = summarize(results, samples=300).set_index("score").loc["el2n"]
+    acc = {key: np.array([h.mean() for h in per_class]) for key, per_class in hits.items()}
+    change = [np.abs(acc[("el2n", 0.5, s)] - acc[("dense", 0.0, s)]).mean() for s in (0, 1, 2)]
+    assert row["mean_abs_change"] == pytest.approx(np.mean(change))
+    assert row["mean_abs_change_lo"] <= row["mean_abs_change"] <= row["mean_abs_change_hi"]
+    rho = [scipy_stats.spearmanr([0.3, 0.9, 0.5], 1 - acc[("dense", 0.0, s)]).statistic for s in (0, 1, 2)]
+    assert row["keep_error_spearman"] == pytest.approx(np.mean(rho))
+    assert row["keep_error_spearman_lo"] <= row["keep_error_spearman"] <= row["keep_error_spearman_hi"]
+    dense_row = summarize(results, samples=10).set_index("score").loc["dense"]
+    assert np.isnan(dense_row["mean_abs_change"]) and np.isnan(dense_row["keep_error_spearman_hi"])
