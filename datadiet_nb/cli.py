@@ -112,7 +112,6 @@ def _torchrun(args: argparse.Namespace, preset: Preset) -> int:
     after the preset's scores, computed the same way if the store lacks them."""
     from .distributed import check_sync_batchnorm
     from .experiment import load_dataset, run_config
-    from .scores import SCORES
     from .store import Store
 
     check_sync_batchnorm(args.sync_batchnorm, preset.device)
@@ -120,7 +119,7 @@ def _torchrun(args: argparse.Namespace, preset: Preset) -> int:
     common = ["--preset", args.preset, "--store", args.store, *[f"--set={a}" for a in args.set or []],
               *(["--quiet"] if args.quiet else []), *(["--sync-batchnorm"] if args.sync_batchnorm else [])]
     config = run_config(preset, load_dataset(preset), args.score, args.sparsity, args.seed)
-    if config["score"] in SCORES and Store(args.store).load_scores(config["scores_key"]) is None:
+    if "scores_key" in config and Store(args.store).load_scores(config["scores_key"]) is None:
         status = _run_torchrun(args.nproc, ["score", *common])
         if status:
             return status

@@ -29,10 +29,10 @@ from torch import nn
 from . import presets
 from .data import Dataset, normalize
 from .errors import UserError
-from .experiment import (_epoch_file, _read_scores_file, compute_scores, kept_indices, load_dataset, run_config,
-                         run_record, scored_dataset, scores_config, scores_wanted, scoring_recipe, scoring_run_file,
-                         scoring_run_key, seeded_model)
-from .scores import SCORE_FUNCTIONS, SCORES
+from .experiment import (_epoch_file, _read_scores_file, compute_scores, finish_scoring_run, kept_indices,
+                         load_dataset, run_config, run_record, score_array_names, scored_dataset, scores_config,
+                         scores_wanted, scoring_recipe, scoring_run_file, scoring_run_key, seeded_model)
+from .scores import EPOCH_FUNCTIONS
 from .store import Store, config_key, write_arrays
 from .train import Shard, predict, train
 
@@ -128,7 +128,7 @@ def train_run(preset: presets.Preset, score: str, sparsity: float, seed: int, st
     found = _agree(store.load_run(key) if shard.rank == 0 else None, shard)
     if found is not None:
         return found if shard.rank == 0 else None
-    if config["score"] in SCORES and _agree(shard.rank == 0 and store.load_scores(config["scores_key"]) is None, shard):
+    if "scores_key" in config and _agree(shard.rank == 0 and store.load_scores(config["scores_key"]) is None, shard):
         raise UserError(f"the preset's scores are not in {store.root}; compute them first: "
                         f"torchrun --nproc_per_node {shard.world_size} -m {PROG} score --preset {preset.name}")
     claim = _claim(store, key, f"run {score} s={sparsity:g} seed={seed}", shard)
@@ -167,7 +167,7 @@ def score(preset: presets.Preset, store: Store, shard: Shard, device: torch.devi
     scored = scored_dataset(preset, dataset)
     key = config_key(scores_config(preset, dataset))
     wanted = scores_wanted(preset)
-    names = [name for epoch in sorted(wanted) for name in wanted[epoch]]
+    names = score_array_names(preset)
     if _agree(shard.rank == 0 and store.load_scores(key, scored.num_train) is not None, shard):
         return compute_scores(preset, dataset, store) if shard.rank == 0 else None
     inputs = normalize(scored.train_images, torch.tensor(scored.mean), torch.tensor(scored.std))
@@ -186,7 +186,7 @@ def score(preset: presets.Preset, store: Store, shard: Shard, device: torch.devi
             def take(epoch: int) -> None:
                 if epoch not in wanted:
                     return
-                arrays = {name: sharded_scores(SCORE_FUNCTIONS[name.partition("_at")[0]], model, inputs.to(device),
+                arrays = {name: sharded_scores(EPOCH_FUNCTIONS[name.partition("_at")[0]], model, inputs.to(device),
                                                scored.train_labels.to(device), shard,
                                                batch_size=preset.scoring.batch_size) for name in wanted[epoch]}
                 if shard.rank == 0:
@@ -202,7 +202,7 @@ def score(preset: presets.Preset, store: Store, shard: Shard, device: torch.devi
                 arrays = {}
                 for epoch in wanted:
                     arrays.update(_read_scores_file(_epoch_file(store, run_key, epoch), wanted[epoch], scored.num_train))
-                write_arrays(finished, **arrays)
+                write_arrays(finished, **finish_scoring_run(arrays))
                 for epoch in wanted:
                     _epoch_file(store, run_key, epoch).unlink(missing_ok=True)
                 _done(store, run_key, f"scoring run {seed}", shard)

@@ -26,7 +26,7 @@ from .presets import DENSE, PRUNING_SCORES, Preset
 from .provenance import provenance, resolve_device
 from .prune import (RULES, ccs_indices, check_sparsity, class_balanced_indices, class_keep_ratio, drop_indices,
                     matched_random_indices, random_indices, select_indices)
-from .scores import SCORE_FUNCTIONS
+from .scores import EPOCH_FUNCTIONS, SCORE_FUNCTIONS, forgetting_scores
 from .store import WAIT_POLL_S, Store, config_key, read_arrays, read_json, write_arrays, write_json
 from .train import Diverged, predict, train
 
@@ -63,8 +63,17 @@ def _model_config(preset: Preset, dataset: Dataset, recipe=None) -> dict:
 
 def scores_config(preset: Preset, dataset: Dataset) -> dict:
     """Everything that determines a preset's scores (and so their store key)."""
-    return {**_model_config(preset, scored_dataset(preset, dataset), scoring_recipe(preset)),
-            "scoring": dataclasses.asdict(preset.scoring), "scoring_seeds": preset.scoring.seeds}
+    config = {**_model_config(preset, scored_dataset(preset, dataset), scoring_recipe(preset)),
+              "scoring": dataclasses.asdict(preset.scoring), "scoring_seeds": preset.scoring.seeds}
+    if counts_forgetting(preset):
+        config["forgetting_epochs"] = preset.scoring.epoch_of("forgetting")
+    return config
+
+
+def counts_forgetting(preset: Preset) -> bool:
+    """Whether the scoring runs also count forgetting events (only when a rule of the preset needs them: an
+    un-augmented pass over the training set after every epoch)."""
+    return any(RULES.get(rule) == "forgetting" for rule in preset.scores)
 
 
 VALIDATION_FRACTION = 0.1  # of each class's training examples, held out to rank classes without the test set
@@ -183,7 +192,19 @@ def scores_wanted(preset: Preset) -> dict[int, list[str]]:
         wanted.setdefault(preset.scoring.epoch_of(name), []).append(name)
     for epoch in preset.scoring.trajectory:
         wanted.setdefault(epoch, []).append(f"el2n_at{epoch}")
+    if counts_forgetting(preset):
+        for epoch in range(1, preset.scoring.epoch_of("forgetting") + 1):
+            wanted.setdefault(epoch, []).append(f"correct_at{epoch}")
     return wanted
+
+
+def finish_scoring_run(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A scoring run's arrays as kept: the per-epoch predictions (``correct_at<e>``) become its forgetting events."""
+    epochs = sorted(int(name.removeprefix("correct_at")) for name in arrays if name.startswith("correct_at"))
+    kept = {name: array for name, array in arrays.items() if not name.startswith("correct_at")}
+    if epochs:
+        kept["forgetting"] = forgetting_scores(np.stack([arrays[f"correct_at{e}"] for e in epochs]))
+    return kept
 
 
 def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: str, progress: bool) -> dict:
@@ -199,7 +220,7 @@ def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: st
     arrays = {}
     for name, runs in per_run.items():
         arrays[f"{name}_runs"] = np.stack(runs)
-        if name in SCORE_FUNCTIONS:
+        if name in SCORE_FUNCTIONS or name == "forgetting":
             arrays[name] = arrays[f"{name}_runs"].mean(0)
     store.save_scores(key, {**config, "key": key, "seconds": time.perf_counter() - started,
                             "provenance": provenance(device)}, arrays)
@@ -209,9 +230,10 @@ def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: st
 
 
 def score_array_names(preset: Preset) -> list[str]:
-    """The arrays each scoring run yields, in the order they are taken (scores and trajectory)."""
+    """The arrays each scoring run keeps, in the order they are taken (scores, trajectory, forgetting)."""
     wanted = scores_wanted(preset)
-    return [name for epoch in sorted(wanted) for name in wanted[epoch]]
+    names = [name for epoch in sorted(wanted) for name in wanted[epoch] if not name.startswith("correct_at")]
+    return names + (["forgetting"] if counts_forgetting(preset) else [])
 
 
 def scoring_run_key(scores_key: str, seed: int) -> str:
@@ -249,8 +271,8 @@ def compute_scoring_run(preset: Preset, dataset: Dataset, store: Store, seed: in
 
     def make() -> dict[str, np.ndarray]:
         run_key = scoring_run_key(key, seed)
-        scores = _scoring_run(preset, scored, store, run_key, seed, scores_wanted(preset),
-                              resolve_device(preset.device), progress)
+        scores = finish_scoring_run(_scoring_run(preset, scored, store, run_key, seed, scores_wanted(preset),
+                                                 resolve_device(preset.device), progress))
         write_arrays(finished, **scores)
         for path in [store.checkpoint_path(f"{run_key}.pt"),
                      *(_epoch_file(store, run_key, epoch) for epoch in scores_wanted(preset))]:
@@ -275,7 +297,7 @@ def _scoring_run(preset: Preset, dataset: Dataset, store: Store, run_key: str, s
     def take(epoch: int) -> None:
         path = _epoch_file(store, run_key, epoch)
         if epoch in wanted and _read_scores_file(path, wanted[epoch], dataset.num_train) is None:
-            write_arrays(path, **{name: SCORE_FUNCTIONS[name.partition("_at")[0]](
+            write_arrays(path, **{name: EPOCH_FUNCTIONS[name.partition("_at")[0]](
                 model, inputs, dataset.train_labels, batch_size=preset.scoring.batch_size).double().numpy()
                 for name in wanted[epoch]})
 
@@ -322,7 +344,7 @@ def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, 
             scores = scores[dataset.source_indices.numpy()]
     if score == "random":
         return random_indices(dataset.num_train, sparsity, seed=seed)
-    if score in SCORE_FUNCTIONS:
+    if score in SCORE_FUNCTIONS or score == "forgetting":
         return select_indices(scores, sparsity, offset=preset.offset)
     if score.endswith("-balanced"):
         return class_balanced_indices(scores, labels, sparsity, num_classes, seed=seed)
@@ -340,7 +362,7 @@ def run_config(preset: Preset, dataset: Dataset, score: str, sparsity: float, se
     score = DENSE if sparsity == 0 else score
     config = {**_model_config(preset, dataset), "score": score, "sparsity": sparsity,
               "offset": preset.offset_at(sparsity), "seed": seed}
-    if RULES.get(score) in SCORE_FUNCTIONS:
+    if RULES.get(score) is not None:
         config["scores_key"] = config_key(scores_config(preset, dataset))
     if score == "ccs":
         config["ccs"] = {"beta": preset.ccs_beta, "bins": preset.ccs_bins}

@@ -67,6 +67,11 @@ class Preset:
         if self.train_per_class is not None and self.train_per_class < 1:
             raise UserError(f"train_per_class must be >= 1, got {self.train_per_class}")
         scoring_epochs = (self.scoring.recipe or self.recipe).epochs
+        if "forgetting" in self.scores and self.scoring.epoch_of("forgetting") < 1:
+            raise UserError("forgetting events are counted over at least 1 epoch (scoring.epochs.forgetting >= 1)")
+        if "forgetting" in self.scores and self.scoring.epoch_of("forgetting") > scoring_epochs:
+            raise UserError(f"forgetting is counted over {self.scoring.epoch_of('forgetting')} epochs but the scoring "
+                            f"recipe trains {scoring_epochs} epochs")
         if self.scoring.last_epoch > scoring_epochs:
             raise UserError(f"scores are taken at epoch {self.scoring.last_epoch} but the scoring recipe trains "
                             f"{scoring_epochs} epochs")

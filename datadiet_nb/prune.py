@@ -16,8 +16,9 @@ RULES: dict[str, str | None] = {
     "el2n-matched": "el2n", "grand-matched": "grand",  # the score's per-class counts, uniform within class
     "ccs": "el2n",  # coverage-centric coreset selection over EL2N
     "drop": None, "drop-el2n": "el2n",  # DRoP's error-proportional quotas; within class at random / by EL2N
+    "forgetting": "forgetting",  # the most forgotten examples (Toneva et al.)
 }
-OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched")  # the rules that rank the whole set by a score
+OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched", "forgetting")  # the rules that rank the whole set by a score
 
 
 def num_kept(num_examples: int, sparsity: float) -> int:

@@ -26,7 +26,8 @@ def pruning_scores(results: pd.DataFrame) -> list[str]:
 
 def score_labels(preset: Preset) -> dict[str, str]:
     """Display names of the scores with their scoring epoch (``EL2N@20``), as figures and tables show them."""
-    labels = {DENSE: "Dense", "random": "Random", "ccs": f"CCS ({preset.scoring.label('el2n')})", "drop": "DRoP",
+    labels = {DENSE: "Dense", "random": "Random", "forgetting": f"Forgetting@{preset.scoring.epoch_of('forgetting')}",
+              "ccs": f"CCS ({preset.scoring.label('el2n')})", "drop": "DRoP",
               "drop-el2n": f"DRoP ({preset.scoring.label('el2n')})", **{s: preset.scoring.label(s) for s in SCORES}}
     for rule, base in RULES.items():
         if rule not in labels:  # random-balanced, el2n-matched, ...: the base's name and how it differs

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,9 +61,9 @@ class Scoring:
     def validate(self) -> None:
         if self.num_runs < 1:
             raise UserError(f"the number of scoring runs K must be >= 1, got {self.num_runs}")
-        unknown = sorted(set(self.epochs) - set(SCORES))
+        unknown = sorted(set(self.epochs) - set(SCORES) - {"forgetting"})
         if unknown:
-            raise UserError(f"scoring.epochs names unknown score {unknown[0]!r}; choose from {list(SCORES)}")
+            raise UserError(f"scoring.epochs names unknown score {unknown[0]!r}; choose from {[*SCORES, 'forgetting']}")
         if min([self.epoch, *self.epochs.values(), *self.trajectory]) < 0:
             raise UserError("scoring epochs must be >= 0 (0 = at initialisation)")
         if self.batch_size < 1:
@@ -141,3 +142,24 @@ def rank_agreement(scores: dict[str, "np.ndarray"]) -> dict[str, float]:
 
 
 SCORE_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"el2n": el2n_scores, "grand": grand_scores}
+
+
+def correct_predictions(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                        batch_size: int = 256) -> torch.Tensor:
+    """1.0 where the model (eval mode) predicts an example's label, else 0.0: what forgetting events are counted on."""
+    @torch.no_grad()
+    def per_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (model(x).float().argmax(1) == y).float()
+    return _batched_eval(model, inputs, targets, batch_size, per_batch)
+
+
+EPOCH_FUNCTIONS = {**SCORE_FUNCTIONS, "correct": correct_predictions}  # what a scoring run takes at an epoch
+
+
+def forgetting_scores(correct) -> np.ndarray:
+    """Forgetting events (Toneva et al., ICLR 2019) from ``correct`` [E, N]: whether each example was predicted
+    right after each of E epochs. An event is right at one epoch and wrong at the next; an example never
+    predicted right counts as E events, more than any learned example can have (at most E // 2)."""
+    correct = np.asarray(correct, dtype=bool)
+    events = (correct[:-1] & ~correct[1:]).sum(0).astype(np.float64)
+    return np.where(correct.any(0), events, float(len(correct)))

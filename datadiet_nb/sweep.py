@@ -26,7 +26,6 @@ from .data import Dataset
 from .presets import DENSE, Preset
 from .prune import RULES
 from .errors import UserError
-from .scores import SCORES
 from .store import WAIT_POLL_S, Store, atomic_write_bytes, config_key
 
 log = logging.getLogger("datadiet_nb")
@@ -86,12 +85,12 @@ def jobs(preset: Preset, dataset: Dataset) -> list[Job]:
     the jobs it needs, so running them in this order never waits."""
     result: list[Job] = []
     scores_key = config_key(scores_config(preset, dataset))
-    if any(RULES[s] in SCORES for s in preset.scores):
+    if any(RULES[s] is not None for s in preset.scores):
         runs = [Job(scoring_run_key(scores_key, seed), scoring_seed=seed) for seed in preset.scoring.seeds]
         result += [*runs, Job(scores_key, needs=tuple(job.key for job in runs))]
     for spec in plan(preset):
         key = config_key(run_config(preset, dataset, spec.score, spec.sparsity, spec.seed))
-        result.append(Job(key, spec, needs=(scores_key,) if RULES.get(spec.score) in SCORES else ()))
+        result.append(Job(key, spec, needs=(scores_key,) if RULES.get(spec.score) is not None else ()))
     return result
 
 

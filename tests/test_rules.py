@@ -7,11 +7,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from datadiet_nb import experiment, presets
 from datadiet_nb.errors import UserError
 from datadiet_nb.experiment import (VALIDATION_FRACTION, compute_scores, kept_indices, load_dataset, run_config,
                                     validation_split)
+from datadiet_nb.scores import forgetting_scores
 from datadiet_nb.prune import (RULES, ccs_indices, class_balanced_indices, drop_indices, matched_random_indices,
                                num_kept, random_indices, select_indices)
 from datadiet_nb.store import Store, config_key
@@ -43,6 +45,7 @@ def expected_kept(rule: str, preset, dataset, store, seed: int) -> np.ndarray:
         "el2n-matched": lambda: matched_random_indices(labels, select_indices(scores, SPARSITY), classes, seed=seed),
         "grand-matched": lambda: matched_random_indices(labels, select_indices(scores, SPARSITY), classes, seed=seed),
         "ccs": lambda: ccs_indices(scores, SPARSITY, beta=preset.ccs_beta, bins=5, seed=seed),
+        "forgetting": lambda: select_indices(scores, SPARSITY),
     }
     if rule.startswith("drop"):
         accuracy = experiment.validation_class_accuracy(preset, dataset, store)
@@ -135,7 +138,45 @@ def test_a_sweep_runs_every_rule_and_only_score_rules_wait_for_the_scores(study)
     (["scores=ccs", "ccs_beta=0.6"], "ccs with ccs_beta=0.6 cuts more than sparsity 0.5 removes"),
     (["scores=ccs", "ccs_bins=0"], "ccs_beta must be in [0, 1) and ccs_bins >= 1"),
     (["scores=el2n-sorted"], "unknown score 'el2n-sorted'"),
+    (["scores=forgetting", "scoring.epochs.forgetting=0"], "forgetting events are counted over at least 1 epoch"),
+    (["scores=forgetting", "scoring.epochs.forgetting=9"], "forgetting is counted over 9 epochs but the scoring recipe"),
 ])
 def test_rule_options_that_cannot_work_are_refused(tiny_digits, assignments, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         presets.with_overrides(tiny_digits, assignments)
+
+
+def test_forgetting_events_by_hand():
+    correct = np.array([[1, 0, 1, 1],   # after epoch 1
+                        [0, 0, 1, 0],   # 2
+                        [1, 0, 1, 1],   # 3
+                        [0, 0, 1, 1]])  # 4
+    # example 0 forgotten twice, 1 never learned (counts as E = 4), 2 never forgotten, 3 once
+    np.testing.assert_array_equal(forgetting_scores(correct), [2.0, 4.0, 0.0, 1.0])
+    assert forgetting_scores(np.ones((1, 3)))[0] == 0.0 and forgetting_scores(np.zeros((1, 3)))[0] == 1.0
+
+
+def test_scoring_runs_count_forgetting_on_an_unaugmented_pass_after_each_epoch(tiny_digits, tmp_path, monkeypatch):
+    preset = presets.with_overrides(tiny_digits, ["scores=forgetting,el2n", "recipe.epochs=4",
+                                                  "scoring.epochs.forgetting=4", "scoring.num_runs=2"])
+    dataset = load_dataset(preset)
+    passes, real = [], experiment.EPOCH_FUNCTIONS["correct"]
+
+    from datadiet_nb.data import normalize
+    unaugmented = normalize(dataset.train_images, torch.tensor(dataset.mean), torch.tensor(dataset.std))
+
+    def spy(model, inputs, targets, **kwargs):
+        assert torch.equal(inputs, unaugmented) and torch.equal(targets, dataset.train_labels)  # all, in order
+        passes.append(real(model, inputs, targets, **kwargs).numpy())
+        return torch.from_numpy(passes[-1])
+
+    monkeypatch.setitem(experiment.EPOCH_FUNCTIONS, "correct", spy)
+    scores = compute_scores(preset, dataset, Store(tmp_path / "runs"))
+    assert len(passes) == 2 * 4  # every epoch of both runs, none at initialisation
+    by_hand = np.stack([forgetting_scores(np.stack(passes[4 * k:4 * k + 4])) for k in range(2)])
+    np.testing.assert_array_equal(scores["forgetting_runs"], by_hand)
+    np.testing.assert_allclose(scores["forgetting"], by_hand.mean(0))
+    assert not any(name.startswith("correct_at") for name in scores)  # the passes are not kept
+    without = presets.with_overrides(tiny_digits, ["scores=el2n", "recipe.epochs=4", "scoring.num_runs=2"])
+    assert "forgetting_epochs" in experiment.scores_config(preset, dataset)
+    assert "forgetting_epochs" not in experiment.scores_config(without, dataset)  # others' keys do not change

@@ -203,7 +203,7 @@ def test_score_labels_name_the_epoch_and_leave_other_rules_as_they_are():
 
 @pytest.mark.parametrize("options, message", [
     ({"num_runs": 0}, "the number of scoring runs K must be >= 1, got 0"),
-    ({"epochs": {"grand": 1, "forgetting": 2, "ccs": 3}}, "scoring.epochs names unknown score 'ccs'; choose from ['el2n', 'grand']"),
+    ({"epochs": {"grand": 1, "forgetting": 2, "ccs": 3}}, "scoring.epochs names unknown score 'ccs'; choose from ['el2n', 'grand', 'forgetting']"),
     ({"trajectory": (1, -1)}, "scoring epochs must be >= 0 (0 = at initialisation)"),
     ({"epoch": -1}, "scoring epochs must be >= 0 (0 = at initialisation)"), ({"batch_size": 0}, "scoring batch size must be >= 1"),
 ])
