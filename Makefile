@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PRESET ?= digits
+# every pruning rule side by side, for the bias chapter
+BIAS_PRESET ?= digits-bias
 STORE  ?= runs
 BIN     = $(VENV)/bin
 # torch/torchvision versions that pip here takes from local disk; any release in pyproject's range works
@@ -23,6 +25,7 @@ install: $(VENV)/.installed
 
 report: install
 	$(BIN)/datadiet-nb sweep --preset $(PRESET) --store $(STORE)
+	$(BIN)/datadiet-nb sweep --preset $(BIAS_PRESET) --store $(STORE) --executor inline --chapters bias,reproducibility
 	$(BIN)/jupyter-book build . --quiet
 	@echo "report: $(CURDIR)/_build/html/index.html"
 

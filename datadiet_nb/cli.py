@@ -155,14 +155,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .report import score_labels, summary_table
     from .results import format_table, keep_ratio_table, load_results
     from .store import check_writable
-    from .sweep import run_sweep, run_sweep_notebooks, sweep_with
+    from .sweep import execute_chapters, run_sweep, run_sweep_notebooks, sweep_with
 
     preset = _preset(args)
     if args.dry_run:
         return _dry_run(preset, _store(args, writing=False))
     run_elsewhere = _executor(args, preset)  # bad executor options are refused before the store is touched
+    chapters = _chapters(args.chapters)
     store = _store(args)
-    if args.executor == "notebooks":
+    if args.executor == "notebooks" or chapters:
         check_writable(Path(args.book_runs))
     started = time.perf_counter()
     if args.executor == "inline":
@@ -176,6 +177,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{preset.name}: jobs submitted to Slurm; `{PROG} status --preset {args.preset} --store "
                   f"{args.store}` follows them, and the same sweep command with --wait waits for them")
             return 0
+    if chapters and args.executor != "notebooks":
+        execute_chapters(preset, list(args.set or []), store, Path(args.book_runs), chapters)
     print(f"\n{preset.name}: {len(outcome.records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
     if outcome.records:
         results = load_results(store, keys=[r["key"] for r in outcome.records])
@@ -188,6 +191,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {label}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
         return 1
     return 0
+
+
+def _chapters(text: str | None) -> list[str]:
+    from .sweep import CHAPTERS
+    chapters = [name.strip() for name in (text or "").split(",") if name.strip()]
+    unknown = [name for name in chapters if name not in CHAPTERS]
+    if unknown:
+        raise UserError(f"unknown chapter {unknown[0]!r}; choose from {list(CHAPTERS)}")
+    return chapters
 
 
 def _executor(args: argparse.Namespace, preset: Preset):
@@ -339,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at most this many jobs of an array run at once (default: 64)")
     scale.add_argument("--wait", action="store_true", help="with slurm: follow the jobs until all have finished")
     sweep.add_argument("--book-runs", default="book/runs", help="where executed notebooks go (default: book/runs)")
+    sweep.add_argument("--chapters", help="with an executor other than notebooks: also execute these chapter "
+                                          "notebooks into --book-runs (analysis, bias, reproducibility; comma-separated)")
     sweep.add_argument("--retry-failed", action="store_true", help="run again the jobs recorded as failed")
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the jobs and estimate their time from a short timed warm-up; run nothing")

@@ -201,7 +201,8 @@ def score(preset: presets.Preset, store: Store, shard: Shard, device: torch.devi
             if shard.rank == 0:
                 arrays = {}
                 for epoch in wanted:
-                    arrays.update(_read_scores_file(_epoch_file(store, run_key, epoch), wanted[epoch], scored.num_train))
+                    path = _epoch_file(store, run_key, epoch)
+                    arrays.update(_read_scores_file(path, wanted[epoch], scored.num_train))
                 write_arrays(finished, **finish_scoring_run(arrays))
                 for epoch in wanted:
                     _epoch_file(store, run_key, epoch).unlink(missing_ok=True)

@@ -58,7 +58,8 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(norm > 0, (ra * rb).sum(-1) / np.where(norm > 0, norm, 1.0), np.nan)
 
 
-def change_vs_dense(class_acc: np.ndarray, dense_class_acc: np.ndarray, keep_ratio: np.ndarray) -> dict[str, np.ndarray]:
+def change_vs_dense(class_acc: np.ndarray, dense_class_acc: np.ndarray,
+                    keep_ratio: np.ndarray) -> dict[str, np.ndarray]:
     """A pruned run against the dense run of the same seed (last axis: classes): the mean absolute change of
     class accuracy, and the rank correlation between the run's class keep ratio and the dense class error
     (positive: the rule keeps more of the classes the dense model gets wrong)."""

@@ -178,6 +178,73 @@ def agreement_curve(frame: pd.DataFrame, label: str) -> plt.Figure:
     return fig
 
 
+BIAS_MEASURES = {  # summary column -> panel title, for the bias chapter
+    "overall_accuracy": "Test accuracy", "class_std": "Std of class accuracies",
+    "worst_class_accuracy": "Worst-class accuracy", "class_gap": "Max - min class accuracy",
+    "class_cv": "Coefficient of variation", "worst_10pct_accuracy": "Mean of the worst 10 % of classes",
+    "mean_abs_change": "Mean |change| of class accuracy vs dense",
+    "keep_error_spearman": "Rank corr. of keep ratio with dense error",
+}
+PANEL_SIZE = (3.6, 2.8)
+
+
+def _rule_colors(rules: list[str]) -> dict[str, tuple]:
+    return dict(zip(rules, sns.color_palette("tab20" if len(rules) > 10 else "tab10", len(rules))))
+
+
+def bias_panels(summary: pd.DataFrame, *, labels: dict | None = None, columns: int = 4) -> plt.Figure:
+    """One small panel per bias measure against sparsity, every rule a line with its 95 % band (dense: dashed)."""
+    names = {**SCORE_LABELS, **(labels or {})}
+    rules = [s for s in SCORE_ORDER if s in set(summary["score"])]
+    colors = _rule_colors(rules)
+    rows = -(-len(BIAS_MEASURES) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), sharex=True)
+    for ax, (value, title) in zip(axes.flat, BIAS_MEASURES.items()):
+        relative = value in ("mean_abs_change", "keep_error_spearman")  # undefined for the dense run itself
+        frame = summary[summary["score"] != DENSE] if relative else with_dense_start(summary)
+        _bands(ax, frame, "score", value, rules, names, [colors[r] for r in rules])
+        dense = summary.loc[summary["score"] == DENSE, value]
+        if len(dense) and not relative:
+            ax.axhline(dense.mean(), color="0.4", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=9)
+    for ax in axes.flat[len(BIAS_MEASURES):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("Data sparsity")
+    handles, texts = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, texts, loc="lower center", ncol=min(6, len(texts)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def keep_ratio_vs_dense_error(results: pd.DataFrame, summary: pd.DataFrame, sparsity: float, *,
+                              labels: dict | None = None, columns: int = 4) -> plt.Figure:
+    """At one sparsity, each rule's class keep ratio against the dense model's class error (means over seeds),
+    one panel per rule, titled with the rank correlation and its 95 % interval."""
+    names = {**SCORE_LABELS, **(labels or {})}
+    dense = results[results["score"] == DENSE].groupby("class")["class_accuracy"].mean()
+    at = results[(results["sparsity"] == sparsity) & (results["score"] != DENSE)]
+    rules = [s for s in SCORE_ORDER if s in set(at["score"])]
+    rows = max(1, -(-len(rules) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), sharex=True,
+                             sharey=True, squeeze=False)
+    colors = _rule_colors(rules)
+    for ax, rule in zip(axes.flat, rules):
+        keep = at[at["score"] == rule].groupby("class")["keep_ratio"].mean()
+        ax.scatter(1 - dense.reindex(keep.index), keep, s=14, color=colors[rule])
+        row = summary[(summary["score"] == rule) & (summary["sparsity"] == sparsity)].iloc[0]
+        ax.set_title(f"{names.get(rule, rule)}: rho {row['keep_error_spearman']:.2f} "
+                     f"[{row['keep_error_spearman_lo']:.2f}, {row['keep_error_spearman_hi']:.2f}]", fontsize=8)
+    for ax in axes.flat[len(rules):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("Dense class error")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Class keep ratio")
+    fig.tight_layout()
+    return fig
+
+
 def save(fig: plt.Figure, path_stem: str | Path) -> list[Path]:
     """Save as PNG and SVG next to each other; returns the paths."""
     stem = Path(path_stem)

@@ -18,7 +18,8 @@ RULES: dict[str, str | None] = {
     "drop": None, "drop-el2n": "el2n",  # DRoP's error-proportional quotas; within class at random / by EL2N
     "forgetting": "forgetting",  # the most forgotten examples (Toneva et al.)
 }
-OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched", "forgetting")  # the rules that rank the whole set by a score
+# the rules that rank the whole training set by a score, so that an offset (skip the hardest) applies
+OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched", "forgetting")
 
 
 def num_kept(num_examples: int, sparsity: float) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from .presets import DENSE, PRUNING_SCORES, Preset
@@ -50,16 +51,17 @@ def with_interval(row: pd.Series, name: str) -> GlueText:
 
 
 def p_value(p: float) -> GlueText:
-    """A p-value as the text quotes it; n/a where the test cannot be made (fewer than two paired seeds)."""
+    """A p-value as the text quotes it; n/a where the test cannot be made (fewer than two paired seeds, or the
+    same difference in every pair)."""
     if p != p:
-        return GlueText("n/a (fewer than two paired seeds)")
+        return GlueText("n/a (fewer than two paired seeds, or no variation between them)")
     return GlueText(f"p = {p:.3f}" if p >= 0.001 else "p < 0.001")
 
 
 def std_verdict(p: float, alpha: float = 0.05) -> GlueText:
     """What the paired test lets the text say about 'spread below dense', and nothing more."""
     if p != p:
-        return GlueText("cannot be tested (fewer than two paired seeds)")
+        return GlueText("cannot be tested (fewer than two paired seeds, or no variation between them)")
     return GlueText("is lower than dense" if p < alpha else "is not shown to be lower than dense")
 
 
@@ -223,3 +225,113 @@ def failures_note(failures: dict[str, str]):
     lines = [f"- `{label}`: {message.splitlines()[0] if message else 'failed'}" for label, message in failures.items()]
     return Markdown("**Failed jobs, left out of every figure and table on this page** "
                     "(`datadiet-nb sweep --retry-failed` runs them again):\n\n" + "\n".join(lines))
+
+
+# --- the bias chapter ----------------------------------------------------------------------------
+
+ALPHA = 0.05
+
+
+def bias_pairs(rules: list[str]) -> list[tuple[str, str]]:
+    """What each rule is compared with: random pruning, and a score's ``-matched`` twin (same per-class counts,
+    examples drawn at random), whose difference is the effect of *which* examples are kept."""
+    pairs = [(rule, "random") for rule in rules if rule not in ("random", DENSE)]
+    return pairs + [(score, f"{score}-matched") for score in SCORES if f"{score}-matched" in rules and score in rules]
+
+
+def difference_text(row: pd.Series | None, points: bool = True) -> GlueText:
+    """``-1.2 points (95 % CI -2.0 to -0.4, p = 0.010, 3 seeds)`` for a row of :func:`.results.paired_differences`."""
+    if row is None:
+        return GlueText("n/a (not run)")
+    scale, unit = (100, " points") if points else (1, "")
+    interval = ("" if row["difference_lo"] != row["difference_lo"] else
+                f"95 % CI {scale * row['difference_lo']:+.1f} to {scale * row['difference_hi']:+.1f}, ")
+    return GlueText(f"{scale * row['difference']:+.1f}{unit} ({interval}{p_value(row['p'])}, "
+                    f"{int(row['num_seeds'])} seeds)")
+
+
+def _difference(differences: pd.DataFrame, rule: str, baseline: str, measure: str, sparsity: float):
+    match = differences[(differences["rule"] == rule) & (differences["baseline"] == baseline)
+                        & (differences["measure"] == measure) & np.isclose(differences["sparsity"], sparsity)]
+    return match.iloc[0] if len(match) else None
+
+
+def _says(row: pd.Series | None, lower: str, higher: str, neither: str) -> GlueText:
+    """What a paired difference lets the text say: its direction only when p < ALPHA."""
+    if row is None or row["p"] != row["p"] or row["p"] >= ALPHA:
+        return GlueText(neither)
+    return GlueText(lower if row["difference"] < 0 else higher)
+
+
+def bias_numbers(summary: pd.DataFrame, differences: pd.DataFrame, labels: dict[str, str],
+                 sparsity: float = HEADLINE_SPARSITY) -> dict[str, GlueText]:
+    """The bias chapter's glued numbers and the sentences they allow, at ``sparsity``: each claim is worded from
+    its paired test, and says so when the data do not support it."""
+    numbers: dict[str, GlueText] = {"bias_sparsity": GlueText(f"{100 * sparsity:.0f} %")}
+    el2n, matched = labels.get("el2n", "EL2N"), labels.get("el2n-matched", "EL2N matched")
+    which = _difference(differences, "el2n", "el2n-matched", "std", sparsity)
+    numbers["which_std"] = difference_text(which)
+    numbers["which_verdict"] = _says(
+        which, f"which examples {el2n} keeps lowers the spread beyond how many of each class it keeps",
+        f"which examples {el2n} keeps raises the spread beyond how many of each class it keeps",
+        f"the data do not show that which examples {el2n} keeps matters beyond how many of each class it keeps "
+        f"({matched} keeps the same counts at random)")
+    for rule in ("el2n", "el2n-balanced", "el2n-matched", "drop", "ccs", "forgetting"):
+        for measure in ("std", "worst"):
+            numbers[f"{rule.replace('-', '_')}_vs_random_{measure}"] = difference_text(_difference(differences, rule, "random", measure,
+                                                                                 sparsity))
+    drop_worst = _difference(differences, "drop", "random", "worst", sparsity)
+    numbers["drop_verdict"] = _says(
+        drop_worst, "DRoP lowers the worst-class accuracy compared with random pruning",
+        "DRoP raises the worst-class accuracy compared with random pruning",
+        "the data do not show that DRoP changes the worst-class accuracy compared with random pruning")
+    at = summary[np.isclose(summary["sparsity"], sparsity)].set_index("score")
+    if "el2n" in at.index:
+        row = at.loc["el2n"]
+        rho = row["keep_error_spearman"]
+        numbers["el2n_keep_error_rho"] = GlueText(
+            f"{rho:.2f} (95 % CI {row['keep_error_spearman_lo']:.2f} to {row['keep_error_spearman_hi']:.2f})")
+        p = row["std_below_dense_p"]
+        claim = "the claim of the poster that moderate pruning lowers the spread"
+        at_point = f"at {100 * sparsity:.0f} % sparsity the spread under {el2n}"
+        numbers["poster_claim"] = GlueText(
+            f"supports {claim}: {at_point} is lower than dense ({p_value(p)})" if p == p and p < ALPHA else
+            f"does not support {claim}: {at_point} is not shown to be lower than dense ({p_value(p)})")
+    return numbers
+
+
+def _cell(row: pd.Series, name: str) -> str:
+    """``0.123 [0.100, 0.150]``, or ``-`` where the value is undefined."""
+    if row[name] != row[name]:
+        return "-"
+    if row[name + "_lo"] != row[name + "_lo"]:
+        return f"{row[name]:.3f}"
+    return f"{row[name]:.3f} [{row[name + '_lo']:.3f}, {row[name + '_hi']:.3f}]"
+
+
+def bias_table(summary: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """Sparsity x rule, every bias measure with its 95 % interval (the bias chapter's summary)."""
+    from .plots import BIAS_MEASURES
+
+    labels = labels or {}
+    rows = [{"sparsity": row["sparsity"], "rule": labels.get(row["score"], row["score"]),
+             **{title: _cell(row, name) for name, title in BIAS_MEASURES.items()}, "seeds": int(row["num_seeds"])}
+            for _, row in summary.iterrows()]
+    return pd.DataFrame(rows).set_index(["sparsity", "rule"])
+
+
+def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per (rule, baseline, measure), one column per sparsity: the paired difference with its 95 % t
+    interval and the paired test's p."""
+    labels = labels or {}
+
+    def cell(row: pd.Series) -> str:
+        return _cell(row, "difference") + ("" if row["p"] != row["p"] else f" p={row['p']:.3f}")
+
+    if differences.empty:
+        return pd.DataFrame()
+    frame = differences.assign(rule=differences["rule"].map(lambda r: labels.get(r, r)),
+                               vs=differences["baseline"].map(lambda r: labels.get(r, r)),
+                               text=differences.apply(cell, axis=1))
+    return frame.pivot_table(index=["rule", "vs", "measure"], columns="sparsity", values="text", aggfunc="first",
+                             sort=False)

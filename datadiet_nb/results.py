@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .metrics import spread
 from .errors import UserError
 from .presets import DENSE
 from .store import Store
@@ -119,3 +120,38 @@ def keep_ratio_table(results: pd.DataFrame) -> pd.DataFrame:
 def format_table(table: pd.DataFrame) -> str:
     """A numeric table as text: three decimals, ``-`` where a value is missing (e.g. a class with no examples)."""
     return table.to_string(float_format=lambda v: f"{v:.3f}", na_rep="-")
+
+
+def run_measures(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (score, sparsity, seed, key): :func:`~datadiet_nb.metrics.spread` of its class accuracies."""
+    rows = []
+    for (score, sparsity, seed, key), run in results.groupby(["score", "sparsity", "seed", "key"], sort=False):
+        measures = spread(run.sort_values("class_index")["class_accuracy"].to_numpy())
+        rows.append({"score": score, "sparsity": sparsity, "seed": seed, "key": key,
+                     **{name: float(value) for name, value in measures.items()}})
+    return pd.DataFrame(rows)
+
+
+def paired_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]],
+                       measures: Iterable[str] = ("std", "worst")) -> pd.DataFrame:
+    """For each (rule, baseline) pair and sparsity where both ran, the difference rule - baseline of each measure
+    over the seeds both have (runs of one seed paired): mean, 95 % t interval, and the two-sided paired t-test p
+    (NaN with fewer than two seeds or no spread in the differences)."""
+    per_run = run_measures(results).set_index(["score", "sparsity", "seed"]).sort_index()
+    rows = []
+    for rule, baseline in pairs:
+        for sparsity in sorted(set(per_run.loc[rule].index.get_level_values(0)) if rule in per_run.index else []):
+            if (baseline, sparsity) not in per_run.index.droplevel(2):
+                continue
+            mine, theirs = per_run.loc[(rule, sparsity)], per_run.loc[(baseline, sparsity)]
+            seeds = sorted(set(mine.index) & set(theirs.index))
+            for measure in measures:
+                diff = mine.loc[seeds, measure].to_numpy() - theirs.loc[seeds, measure].to_numpy()
+                mean, lo, hi = stats.t_interval(diff)
+                rows.append({"rule": rule, "baseline": baseline, "sparsity": sparsity, "measure": measure,
+                             "difference": mean, "difference_lo": lo, "difference_hi": hi,
+                             "p": stats.paired_two_sided_p(mine.loc[seeds, measure].to_numpy(),
+                                                           theirs.loc[seeds, measure].to_numpy()),
+                             "num_seeds": len(seeds)})
+    return pd.DataFrame(rows, columns=["rule", "baseline", "sparsity", "measure", "difference", "difference_lo",
+                                       "difference_hi", "p", "num_seeds"])

@@ -67,11 +67,20 @@ def interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float,
     return float(lo), float(hi)
 
 
-def seed_means(per_run: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per replicate, the mean over seeds drawn with replacement: ``per_run`` [samples, runs] -> [samples]."""
+def seed_means(per_run: np.ndarray, rng: np.random.Generator, *, skip_nan: bool = False) -> np.ndarray:
+    """Per replicate, the mean over seeds drawn with replacement: ``per_run`` [samples, runs] -> [samples]
+    (``skip_nan``: over the drawn seeds whose value is defined; NaN where none is)."""
     samples, runs = per_run.shape
-    drawn = rng.integers(runs, size=(samples, runs))
-    return np.take_along_axis(per_run, drawn, axis=1).mean(1)
+    drawn = np.take_along_axis(per_run, rng.integers(runs, size=(samples, runs)), axis=1)
+    if not skip_nan:
+        return drawn.mean(1)
+    return _nan_mean(drawn, axis=1)
+
+
+def _nan_mean(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """The mean of the defined (not NaN) values; NaN where none is (without numpy's warning)."""
+    count = (~np.isnan(values)).sum(axis)
+    return np.where(count > 0, np.nansum(values, axis) / np.maximum(count, 1), np.nan)
 
 
 def summarize_group(correct: list[np.ndarray], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
@@ -106,9 +115,11 @@ def summarize_vs_dense(correct: list[np.ndarray], dense: list[np.ndarray], keep_
     boot = change_vs_dense(replicates[:, :runs], replicates[:, runs:], keep_ratio)
     row: dict[str, float] = {}
     for name in VS_DENSE_STATISTICS:
-        row[name] = float(point[name].mean())
-        drawn = seed_means(boot[name], rng)
-        row[f"{name}_lo"], row[f"{name}_hi"] = ((float("nan"),) * 2 if np.isnan(drawn).any() else interval(drawn))
+        row[name] = float(_nan_mean(point[name]))
+        # a replicate where the dense run got every class equally right has no rank correlation: left out
+        drawn = seed_means(boot[name], rng, skip_nan=True)
+        drawn = drawn[~np.isnan(drawn)]
+        row[f"{name}_lo"], row[f"{name}_hi"] = interval(drawn) if len(drawn) else (float("nan"),) * 2
     return row
 
 
@@ -119,6 +130,15 @@ def paired_below_p(pruned: np.ndarray, dense: np.ndarray) -> float:
     if len(pruned) < 2 or np.ptp(pruned - dense) == 0:
         return float("nan")
     return float(scipy_stats.ttest_rel(pruned, dense, alternative="less").pvalue)
+
+
+def paired_two_sided_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided paired t-test that ``a`` and ``b`` differ (pairs: runs of the same seed); NaN with fewer than two
+    pairs or no spread in the differences."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or np.ptp(a - b) == 0:
+        return float("nan")
+    return float(scipy_stats.ttest_rel(a, b).pvalue)
 
 
 def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .experiment import (RunFailed, compute_scores, compute_scoring_run, load_dataset, run_config, scored_dataset,
                          scores_config, scoring_run_key, train_run)
 from .data import Dataset
-from .presets import DENSE, Preset
+from .presets import DENSE, PAPER_RULES, Preset
 from .prune import RULES
 from .errors import UserError
 from .store import WAIT_POLL_S, Store, atomic_write_bytes, config_key
@@ -261,7 +261,8 @@ def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_fail
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "python3"
-TITLES = {"analysis": "Results: {preset}", "scores": "Scores: {preset}"}
+TITLES = {"analysis": "Results: {preset}", "scores": "Scores: {preset}",
+          "bias": "What drives class-wise bias: {preset}"}
 
 
 def execute_notebook(name: str, output: Path, parameters: dict, *, scratch: Path, title: str | None = None) -> None:
@@ -342,9 +343,28 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     failures = _schedule(preset, dataset, store, execute, progress=progress,
                          extra_done=lambda job: notebook(job) is None or notebook(job).is_file())
     outcome = collect(preset, dataset, store, failures)
-    for name, path, parameters in (
-            ("analysis", folder / "analysis.ipynb", {**common, "figures": str((folder / "figures").resolve())}),
-            ("reproducibility", Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]})):
-        execute_notebook(name, path, parameters, scratch=scratch,
-                         title=TITLES.get(name, "").format(preset=preset.name) or None)
+    execute_chapters(preset, overrides, store, book_runs, default_chapters(preset))
     return outcome
+
+
+CHAPTERS = ("analysis", "bias", "reproducibility")
+
+
+def default_chapters(preset: Preset) -> list[str]:
+    """The chapters a notebooks sweep executes: the results, the bias chapter when the preset compares rules
+    beyond the paper's, and the reproducibility appendix (of the whole store)."""
+    return ["analysis", *(["bias"] if set(preset.scores) - set(PAPER_RULES) else []), "reproducibility"]
+
+
+def execute_chapters(preset: Preset, overrides: list[str], store: Store, book_runs: Path, chapters: list[str]) -> None:
+    """Execute the book's chapter notebooks of a preset (``analysis``, ``bias``) into ``book_runs/<preset>/``, and
+    ``reproducibility`` into ``book_runs/``, from the runs in the store (a missing run is run in the kernel)."""
+    folder = Path(book_runs) / preset.name
+    common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
+    for name in chapters:
+        if name == "reproducibility":
+            path, parameters = Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]}
+        else:
+            path, parameters = folder / f"{name}.ipynb", {**common, "figures": str((folder / "figures").resolve())}
+        execute_notebook(name, path, parameters, scratch=store.checkpoint_path("notebooks"),
+                         title=TITLES.get(name, "").format(preset=preset.name) or None)

@@ -29,6 +29,11 @@ FIGURES = ["accuracy", "class_accuracy_el2n", "best_worst", "class_std", "class_
 
 
 SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits", "--store", "runs", "--quiet", *TINY]
+# the bias chapter, as `make report` makes it: every rule, inline, then its chapter and the reproducibility appendix
+BIAS_SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits-bias", "--store", "runs", "--quiet",
+              *TINY, "--set", "scoring.epochs.forgetting=2", "--executor", "inline",
+              "--chapters", "bias,reproducibility"]
+BIAS_FIGURES = ["bias_measures", "keep_vs_error"]
 ONE_SEED_SWEEP = [*SWEEP, "--set", "seeds=0"]  # the concurrency test needs jobs, not intervals
 
 
@@ -71,10 +76,22 @@ def book(tmp_path_factory) -> Path:
     sweep_killed_midway(root)  # the sweep below must resume it: the tests check the book is whole
     result = sweep(root)
     assert result.returncode == 0, result.stderr[-3000:]
+    bias = subprocess.run(BIAS_SWEEP, cwd=root, capture_output=True, text=True, timeout=900)
+    assert bias.returncode == 0, bias.stderr[-3000:]
     build = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", ".", "--warningiserror",
                             "--keep-going"], cwd=root, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
     return root
+
+
+def results_of_preset(store: Path, name: str, overrides: list[str]):
+    """The results of one preset's runs in a store that two presets share (some runs, e.g. dense, are common)."""
+    from datadiet_nb import presets
+    from datadiet_nb.experiment import load_dataset
+    from datadiet_nb.sweep import jobs
+
+    study = presets.with_overrides(presets.get(name), overrides)
+    return load_results(store, keys=[job.key for job in jobs(study, load_dataset(study)) if job.kind == "run"])
 
 
 def text_of(page: Path) -> str:
@@ -88,7 +105,8 @@ def test_the_sweep_wrote_every_notebook_without_errors(book):
     names = {p.relative_to(runs).as_posix() for p in executed}
     runs_expected = {f"digits/train/{run}-seed{seed}.ipynb" for seed in (0, 1)
                      for run in ("dense-s0", "el2n-s0.5", "grand-s0.5", "random-s0.5")}
-    assert {"digits/scores.ipynb", "digits/analysis.ipynb", "reproducibility.ipynb", *runs_expected} == names
+    assert {"digits/scores.ipynb", "digits/analysis.ipynb", "digits-bias/bias.ipynb", "reproducibility.ipynb",
+            *runs_expected} == names
     for path in executed:
         for cell in json.loads(path.read_text())["cells"]:
             for output in cell.get("outputs", []):
@@ -107,8 +125,8 @@ def test_results_page_has_every_figure_table_and_glued_number(book):
         for suffix in (".png", ".svg"):
             assert (book / "book" / "runs" / "digits" / "figures" / f"{name}{suffix}").stat().st_size > 1000
     text = text_of(page)
-    # every quoted number, recomputed here from the stored records, is on the page
-    results = load_results(book / "runs")
+    # every quoted number, recomputed here from the stored records (of this preset's runs), is on the page
+    results = results_of_preset(book / "runs", "digits", [a for a in TINY if a != "--set"])
     for key, value in report.headline_numbers(results).items():
         if key in ("dense_accuracy", "dense_class_std", "dense_class_std_corrected", "dense_worst_class",
                    "el2n_accuracy_50", "el2n_class_std_50", "el2n_top_keep_classes", "el2n_std_p_50",
@@ -118,6 +136,31 @@ def test_results_page_has_every_figure_table_and_glued_number(book):
     assert "worst class" in text and "class std (corrected)" in text and "p (std < dense)" in text  # the table
     assert "How stable are the scores?" in text and "EL2N@1: run vs run" in text
     assert "Test accuracy against data sparsity" in text
+
+
+def test_the_bias_chapter_shows_every_rule_and_states_only_what_its_tests_support(book):
+    from datadiet_nb import presets
+    from datadiet_nb.results import paired_differences, summarize
+
+    page = book / "_build" / "html" / "book" / "runs" / "digits-bias" / "bias.html"
+    for name in BIAS_FIGURES:
+        assert (book / "book" / "runs" / "digits-bias" / "figures" / f"{name}.png").stat().st_size > 1000
+    images = re.findall(r'<img[^>]+src="([^"]+)"', page.read_text())
+    assert len(images) >= len(BIAS_FIGURES) and all((page.parent / src).resolve().is_file() for src in images)
+    text = text_of(page)
+    study = presets.with_overrides(presets.get("digits-bias"), [a for a in TINY if a != "--set"] +
+                                   ["scoring.epochs.forgetting=2"])
+    results = results_of_preset(book / "runs", "digits-bias", [a for a in TINY if a != "--set"] +
+                                ["scoring.epochs.forgetting=2"])
+    assert set(results["score"]) == {"dense", *study.scores}  # every rule ran
+    labels = report.score_labels(study)
+    numbers = report.bias_numbers(summarize(results), paired_differences(results, report.bias_pairs(
+        list(study.scores))), labels)
+    for key in ("which_std", "which_verdict", "el2n_vs_random_std", "drop_vs_random_worst", "drop_verdict",
+                "el2n_keep_error_rho", "poster_claim"):
+        assert str(numbers[key]) in text, key  # recomputed here from the records, quoted on the page
+    for rule in study.scores:
+        assert labels[rule] in text, rule  # in the tables
 
 
 def test_book_has_method_appendix_and_reproducibility(book):

@@ -1,0 +1,120 @@
+"""The bias chapter's numbers: paired differences by hand, and sentences that follow the tests' verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from datadiet_nb import plots, report
+from datadiet_nb.results import paired_differences, run_measures
+
+CLASSES = ("a", "b", "c")
+
+
+def results_of(runs: dict[tuple[str, float, int], list[float]], keep: dict[str, list[float]] | None = None
+               ) -> pd.DataFrame:
+    """A results table with the given class accuracies per (rule, sparsity, seed)."""
+    rows = []
+    for (rule, sparsity, seed), acc in runs.items():
+        ratios = (keep or {}).get(rule, [1.0] * len(acc))
+        for c, value in enumerate(acc):
+            rows.append({"score": rule, "sparsity": sparsity, "seed": seed, "key": f"{rule}-{sparsity}-{seed}",
+                         "class": CLASSES[c], "class_index": c, "class_accuracy": value, "keep_ratio": ratios[c]})
+    return pd.DataFrame(rows)
+
+
+RUNS = {
+    ("random", 0.5, 0): [0.9, 0.7, 0.8], ("random", 0.5, 1): [0.85, 0.75, 0.8], ("random", 0.5, 2): [0.9, 0.6, 0.8],
+    ("el2n", 0.5, 0): [0.9, 0.8, 0.8], ("el2n", 0.5, 1): [0.85, 0.8, 0.8], ("el2n", 0.5, 3): [0.9, 0.9, 0.9],
+}
+
+
+def test_paired_differences_pair_runs_of_the_same_seed_by_hand():
+    table = paired_differences(results_of(RUNS), [("el2n", "random")]).set_index("measure")
+    seeds = (0, 1)  # seed 2 has no el2n run, seed 3 no random run
+    for measure, of in (("std", np.std), ("worst", np.min)):
+        mine = np.array([of(RUNS[("el2n", 0.5, s)]) for s in seeds])
+        theirs = np.array([of(RUNS[("random", 0.5, s)]) for s in seeds])
+        row = table.loc[measure]
+        assert row["difference"] == pytest.approx((mine - theirs).mean())
+        half = scipy_stats.t.ppf(0.975, 1) * (mine - theirs).std(ddof=1) / np.sqrt(2)
+        assert (row["difference_lo"], row["difference_hi"]) == pytest.approx((row["difference"] - half,
+                                                                              row["difference"] + half))
+        assert row["p"] == pytest.approx(scipy_stats.ttest_rel(mine, theirs).pvalue)
+        assert row["num_seeds"] == 2 and row["sparsity"] == 0.5
+    assert paired_differences(results_of(RUNS), [("ccs", "random")]).empty  # a rule that did not run
+
+
+def test_run_measures_are_the_spread_of_each_runs_class_accuracies():
+    measures = run_measures(results_of(RUNS)).set_index("key").loc["el2n-0.5-0"]
+    assert measures["std"] == pytest.approx(np.std([0.9, 0.8, 0.8]))
+    assert (measures["worst"], measures["gap"]) == pytest.approx((0.8, 0.1))
+
+
+def differences_with(rule: str, baseline: str, measure: str, difference: float, p: float) -> pd.DataFrame:
+    return pd.DataFrame([{"rule": rule, "baseline": baseline, "sparsity": 0.5, "measure": measure,
+                          "difference": difference, "difference_lo": difference - 0.01,
+                          "difference_hi": difference + 0.01, "p": p, "num_seeds": 3}])
+
+
+SUMMARY = pd.DataFrame([{"score": "el2n", "sparsity": 0.5, "keep_error_spearman": 0.8, "keep_error_spearman_lo": 0.5,
+                         "keep_error_spearman_hi": 0.95, "std_below_dense_p": 0.2}])
+
+
+@pytest.mark.parametrize("difference, p, says", [
+    (-0.02, 0.01, "which examples EL2N keeps lowers the spread beyond how many"),
+    (0.02, 0.01, "which examples EL2N keeps raises the spread beyond how many"),
+    (-0.02, 0.30, "the data do not show that which examples EL2N keeps matters"),
+    (-0.02, float("nan"), "the data do not show that which examples EL2N keeps matters"),
+])
+def test_the_which_examples_sentence_follows_the_paired_test(difference, p, says):
+    numbers = report.bias_numbers(SUMMARY, differences_with("el2n", "el2n-matched", "std", difference, p),
+                                  {"el2n": "EL2N", "el2n-matched": "EL2N matched"})
+    assert numbers["which_verdict"].startswith(says)
+    assert numbers["which_std"].startswith(f"{100 * difference:+.1f} points")
+
+
+def test_the_poster_claim_is_supported_only_with_a_significant_paired_test():
+    labels = {"el2n": "EL2N"}
+    empty = differences_with("el2n", "random", "std", 0.0, 0.5)
+    assert report.bias_numbers(SUMMARY, empty, labels)["poster_claim"].startswith("does not support")
+    lower = SUMMARY.assign(std_below_dense_p=0.01)
+    assert report.bias_numbers(lower, empty, labels)["poster_claim"].startswith("supports the claim of the poster")
+    assert report.bias_numbers(SUMMARY, empty, labels)["el2n_keep_error_rho"] == "0.80 (95 % CI 0.50 to 0.95)"
+    assert report.bias_numbers(SUMMARY, empty, labels)["drop_vs_random_worst"] == "n/a (not run)"
+
+
+def test_bias_pairs_compare_with_random_and_the_matched_twin():
+    assert report.bias_pairs(["el2n", "random", "el2n-matched", "drop"]) == [
+        ("el2n", "random"), ("el2n-matched", "random"), ("drop", "random"), ("el2n", "el2n-matched")]
+
+
+def test_bias_figures_have_a_panel_per_measure_and_per_rule():
+    rows = []
+    for rule in ("dense", "el2n", "random"):
+        for sparsity in ((0.0,) if rule == "dense" else (0.3, 0.5)):
+            row = {"score": rule, "sparsity": sparsity, "num_seeds": 2}
+            for name in plots.BIAS_MEASURES:
+                row.update({name: 0.5, f"{name}_lo": 0.4, f"{name}_hi": 0.6})
+            rows.append(row)
+    summary = pd.DataFrame(rows)
+    fig = plots.bias_panels(summary)
+    assert sum(ax.get_visible() for ax in fig.axes) == len(plots.BIAS_MEASURES)
+    runs = {("dense", 0.0, 0): [0.9, 0.7, 0.8], ("el2n", 0.5, 0): [0.9, 0.8, 0.8], ("random", 0.5, 0): [0.8] * 3}
+    fig = plots.keep_ratio_vs_dense_error(results_of(runs, keep={"el2n": [0.3, 0.9, 0.5]}), summary, 0.5)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title().split(":")[0] for ax in visible] == ["EL2N", "Random"]
+    assert list(visible[0].collections[0].get_offsets()[:, 1]) == [0.3, 0.9, 0.5]
+    assert report.bias_table(summary).shape == (5, len(plots.BIAS_MEASURES) + 1)
+
+
+def test_the_differences_table_has_a_row_per_comparison_and_a_column_per_sparsity():
+    differences = paired_differences(results_of(RUNS), [("el2n", "random")])
+    table = report.differences_table(differences, {"el2n": "EL2N", "random": "Random"})
+    assert table.index.tolist() == [("EL2N", "Random", "std"), ("EL2N", "Random", "worst")]
+    assert table.columns.tolist() == [0.5]
+    row = differences.set_index("measure").loc["std"]
+    assert table.loc[("EL2N", "Random", "std"), 0.5] == (
+        f"{row['difference']:.3f} [{row['difference_lo']:.3f}, {row['difference_hi']:.3f}] p={row['p']:.3f}")
