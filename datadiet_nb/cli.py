@@ -29,7 +29,8 @@ def _preset(args: argparse.Namespace) -> Preset:
         assignments.append(f"offset={args.offset}")
     if getattr(args, "sparsity", None) is not None:  # prune / train: the preset's grid is not in play, only this point
         assignments.append(f"sparsities={args.sparsity}")
-    return presets.with_overrides(preset, assignments)
+    preset = presets.with_overrides(preset, assignments)
+    return presets.with_rule(preset, args.score) if getattr(args, "score", None) else preset
 
 
 def _store(args: argparse.Namespace, *, writing: bool = True):

@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             assignments.append(f"sparsities={args.sparsity}")
         preset = presets.with_overrides(presets.get(args.preset), assignments)
+        if args.command == "train":
+            preset = presets.with_rule(preset, args.score)
         check_sync_batchnorm(args.sync_batchnorm, preset.device)
         shard, device = init(preset.device)
         store = Store(args.store)

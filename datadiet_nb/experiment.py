@@ -336,6 +336,9 @@ def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, 
         return np.arange(dataset.num_train, dtype=np.int64)
     if score not in RULES:
         raise UserError(f"unknown score {score!r}; choose from {list(RULES)}")
+    if RULES[score] == "forgetting" and not counts_forgetting(preset):
+        raise UserError(f"the rule {score!r} needs forgetting events: add it to the preset's scores "
+                        f"(--set scores={','.join((*preset.scores, score))})")
     labels, num_classes = dataset.train_labels.numpy(), dataset.num_classes
     scores = None
     if RULES[score] is not None:

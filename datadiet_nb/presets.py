@@ -273,6 +273,12 @@ def _parse(text: str, like, key: str):
         raise UserError(f"--set {key}={text}: expected {type(like).__name__}") from None
 
 
+def with_rule(preset: Preset, rule: str) -> Preset:
+    """The preset with ``rule`` among its scores (what ``prune`` / ``train --score RULE`` run), so that its scoring
+    runs take what the rule needs (forgetting events); a rule already there leaves the preset as it is."""
+    return preset if rule in preset.scores else dataclasses.replace(preset, scores=(*preset.scores, rule)).validate()
+
+
 def with_overrides(preset: Preset, assignments: list[str]) -> Preset:
     """Apply ``key=value`` edits (dotted for nested fields, e.g. ``recipe.epochs=5``, ``scoring.recipe.lr=0.2``,
     ``scoring.epochs.grand=0``, ``model_options.width=8``) and validate."""

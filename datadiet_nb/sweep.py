@@ -220,15 +220,16 @@ def run_job(preset: Preset, dataset: Dataset, store: Store, job: Job, *, progres
         train_run(preset, dataset, job.spec.score, job.spec.sparsity, job.spec.seed, store, progress=progress)
 
 
-def run_remote_job(preset: Preset, store_root: str, claim_timeout: float | None, job: Job, *needed) -> str | None:
-    """A job on a worker of a Ray cluster or a Slurm array: None when done, else why it failed (recorded in
-    the store). Only this short answer travels back; results stay in the store. ``needed``: the answers
-    of the jobs it needs, which an engine passes so as to start it after them (unused: the store has them)."""
+def run_remote_job(preset: Preset, store_root: str, claim_timeout: float | None, job: Job,
+                   *needed) -> tuple[str, str | None]:
+    """A job on a worker of a Ray cluster or a Slurm array: (its store key, None when done or else why it failed,
+    as recorded in the store). Only this short answer travels back; results stay in the store. ``needed``: the
+    answers of the jobs it needs, which an engine passes so as to start it after them (unused: the store has them)."""
     try:
         run_job(preset, _dataset_of(preset), Store(store_root, claim_timeout=claim_timeout), job)
     except (RunFailed, UserError) as error:
-        return str(error)
-    return None
+        return job.key, str(error)
+    return job.key, None
 
 
 def clear_failures(preset: Preset, dataset: Dataset, store: Store) -> None:

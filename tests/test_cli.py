@@ -200,7 +200,7 @@ BAD_INPUTS = {
     "unknown preset": (["train", "--preset", "imagenet", "--sparsity", "0.5"], "unknown preset"),
     "unknown dataset": (["train", "--set", "dataset=mnist", "--sparsity", "0.5"], "unknown dataset"),
     "unknown model": (["train", "--set", "model=vgg16", "--sparsity", "0.5"], "unknown model"),
-    "unknown score": (["train", "--score", "forgetting", "--sparsity", "0.5"], "invalid choice"),
+    "unknown score": (["train", "--score", "el2n-sorted", "--sparsity", "0.5"], "invalid choice"),
     "sparsity 1": (["train", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
     "negative sparsity": (["prune", "--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
     "offset too large": (["prune", "--sparsity", "0.2", "--offset", "0.3"], "exceeds 1"),

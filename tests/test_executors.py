@@ -21,7 +21,7 @@ from datadiet_nb import presets
 from datadiet_nb.experiment import load_dataset
 from datadiet_nb.store import Store
 from datadiet_nb.sweep import jobs, run_sweep
-from helpers import assert_same_study, predictions_by_key
+from helpers import DIVERGE_IN_EVERY_PROCESS, assert_same_study, predictions_by_key
 from slurm_cluster import PARTITION, missing_tools, single_node_slurm
 
 # Long enough (30 passes, a checkpoint after each) that a kill can land mid-run; seconds on a CPU.
@@ -147,6 +147,22 @@ def test_a_sweep_interrupted_under_ray_is_finished_inline_redoing_nothing(study,
     redone = [key for _, key in starts(store)[before:]]
     assert redone and not set(redone) & finished, "the inline sweep redid a run Ray had finished"
     assert_same_study(store, reference)
+
+
+def test_a_run_failing_on_a_ray_worker_is_recorded_and_listed_and_the_others_finish(study, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DIVERGE_IN_EVERY_PROCESS.format(score="grand"))  # in every worker too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    store = tmp_path / "runs"
+    result = subprocess.run(sweep(study[0], store, *RAY), capture_output=True, text=True, timeout=WAIT_LIMIT_S,
+                            env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    failed = [line.strip() for line in result.stderr.splitlines() if line.startswith("  grand-")]
+    assert len(failed) == 1 and failed[0].startswith("grand-s0.5-seed0: run grand s=0.5 seed=0 failed: training "
+                                                     "loss became nan"), result.stderr[-3000:]
+    assert len(list((store / "failed").glob("*.json"))) == 1
+    assert sorted(r["score"] for r in Store(store).records()) == ["dense", "el2n", "random"]
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_fast_preset_is_the_paper_study_on_a_shorter_recipe(name):
     preset = presets.get(name).validate()
     assert preset.recipe.schedule == "onecycle" and preset.recipe.compile and preset.recipe.epochs <= 50
     assert preset.scoring.num_runs == 10 and preset.seeds == (0, 1, 2) and preset.device == "auto"
-    assert preset.scores == presets.PRUNING_SCORES and preset.sparsities == presets.PAPER_SPARSITIES
+    assert preset.scores == presets.PAPER_RULES and preset.sparsities == presets.PAPER_SPARSITIES
     # scores come from the paper's own scoring recipe (batch 128, lr 0.1, epoch 20, K = 10), not the fast one
     scoring = preset.scoring.recipe
     assert (scoring.batch_size, scoring.lr, scoring.epochs, scoring.schedule) == (128, 0.1, 200, "step")

@@ -180,3 +180,20 @@ def test_scoring_runs_count_forgetting_on_an_unaugmented_pass_after_each_epoch(t
     without = presets.with_overrides(tiny_digits, ["scores=el2n", "recipe.epochs=4", "scoring.num_runs=2"])
     assert "forgetting_epochs" in experiment.scores_config(preset, dataset)
     assert "forgetting_epochs" not in experiment.scores_config(without, dataset)  # others' keys do not change
+
+
+def test_train_with_a_rule_the_preset_does_not_list_scores_what_the_rule_needs(tmp_path, capsys):
+    from datadiet_nb.cli import main
+
+    tiny = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1", "--set",
+            "scoring.epochs.forgetting=2", "--set", "seeds=0", "--quiet", "--store", str(tmp_path / "runs")]
+    assert main(["train", "--score", "forgetting", "--sparsity", "0.5", *tiny]) == 0  # digits lists the paper's rules
+    [record] = Store(tmp_path / "runs").records()
+    assert record["score"] == "forgetting" and record["num_kept"] == num_kept(1437, 0.5)
+    assert main(["prune", "--score", "el2n", "--sparsity", "0.5", *tiny]) == 0  # a listed rule: the preset as it is
+
+
+def test_kept_indices_refuses_forgetting_for_a_preset_that_does_not_count_it(tiny_digits, tmp_path):
+    dataset = load_dataset(tiny_digits)
+    with pytest.raises(UserError, match="the rule 'forgetting' needs forgetting events"):
+        kept_indices(tiny_digits, dataset, "forgetting", SPARSITY, 0, Store(tmp_path / "runs"))

@@ -123,7 +123,7 @@ def _run_tasks(ray, preset: Preset, store: Store, options: RayOptions, progress:
         for ref in finished:
             label = label_of[ref]
             try:
-                message = ray.get(ref)
+                _, message = ray.get(ref)  # (the job's store key, why it failed or None)
             except ray.exceptions.RayError as error:  # its worker died more than TASK_RETRIES times
                 message = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             if message is not None:

@@ -75,7 +75,8 @@ class RequeueableJob:
     """A sweep job as a Slurm job. When Slurm preempts it or its time runs out, submitit calls
     :meth:`checkpoint` and requeues the same call, which resumes from the job's checkpoint in the store."""
 
-    def __call__(self, preset: Preset, store_root: str, claim_timeout: float | None, job: Job) -> str | None:
+    def __call__(self, preset: Preset, store_root: str, claim_timeout: float | None,
+                 job: Job) -> tuple[str, str | None]:
         import torch
         # Slurm without cgroups does not confine a job to its CPUs; more threads than CPUs thrash
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))
