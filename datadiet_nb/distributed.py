@@ -27,13 +27,12 @@ import torch.distributed as dist
 from torch import nn
 
 from . import presets
-from .data import Dataset, normalize
+from .data import Dataset
 from .errors import UserError
-from .experiment import (_epoch_file, _read_scores_file, compute_scores, finish_scoring_run, kept_indices,
-                         load_dataset, run_config, run_record, score_array_names, scored_dataset, scores_config,
-                         scores_wanted, scoring_recipe, scoring_run_file, scoring_run_key, seeded_model)
-from .scores import EPOCH_FUNCTIONS
-from .store import Store, config_key, write_arrays
+from .experiment import (_read_scores_file, _scoring_run, compute_scores, keep_scoring_run, kept_indices,
+                         load_dataset, run_checkpoint, run_config, run_record, score_array_names, scored_dataset,
+                         scores_config, scores_wanted, scoring_run_file, scoring_run_key, seeded_model)
+from .store import Store, config_key
 from .train import Shard, predict, train
 
 PROG = "datadiet_nb.distributed"
@@ -138,7 +137,7 @@ def train_run(preset: presets.Preset, score: str, sparsity: float, seed: int, st
         model = seeded_model(preset, dataset, seed)
         if sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        checkpoint = store.checkpoint_path(f"{key}.rank{shard.rank}.pt")
+        checkpoint = run_checkpoint(store, key, shard)
         fit = train(model, dataset, preset.recipe, seed=seed, indices=torch.from_numpy(kept), device=device,
                     progress=progress and shard.rank == 0, checkpoint=checkpoint,
                     checkpoint_every=preset.checkpoint_epochs, shard=shard)
@@ -166,11 +165,9 @@ def score(preset: presets.Preset, store: Store, shard: Shard, device: torch.devi
     dataset = load_dataset(preset)
     scored = scored_dataset(preset, dataset)
     key = config_key(scores_config(preset, dataset))
-    wanted = scores_wanted(preset)
     names = score_array_names(preset)
     if _agree(shard.rank == 0 and store.load_scores(key, scored.num_train) is not None, shard):
         return compute_scores(preset, dataset, store) if shard.rank == 0 else None
-    inputs = normalize(scored.train_images, torch.tensor(scored.mean), torch.tensor(scored.std))
     for seed in preset.scoring.seeds:
         finished = scoring_run_file(store, key, seed)
         if _agree(shard.rank == 0 and _read_scores_file(finished, names, scored.num_train) is not None, shard):
@@ -178,37 +175,14 @@ def score(preset: presets.Preset, store: Store, shard: Shard, device: torch.devi
         run_key = scoring_run_key(key, seed)
         claim = _claim(store, run_key, f"scoring run {seed}", shard)
         try:
-            model = seeded_model(preset, scored, seed)
-            if sync_batchnorm:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model.to(device)
-
-            def take(epoch: int) -> None:
-                if epoch not in wanted:
-                    return
-                arrays = {name: sharded_scores(EPOCH_FUNCTIONS[name.partition("_at")[0]], model, inputs.to(device),
-                                               scored.train_labels.to(device), shard,
-                                               batch_size=preset.scoring.batch_size) for name in wanted[epoch]}
-                if shard.rank == 0:
-                    write_arrays(_epoch_file(store, run_key, epoch), **arrays)
-
-            take(0)
-            checkpoint = store.checkpoint_path(f"{run_key}.rank{shard.rank}.pt")
-            if max(wanted) > 0:
-                train(model, scored, scoring_recipe(preset), seed=seed, device=device, stop_epoch=max(wanted),
-                      progress=progress and shard.rank == 0, checkpoint=checkpoint,
-                      checkpoint_every=preset.checkpoint_epochs, on_epoch=take, shard=shard)
+            arrays = _scoring_run(preset, scored, store, run_key, seed, scores_wanted(preset), device, progress,
+                                  shard=shard, sync_batchnorm=sync_batchnorm,
+                                  measure=lambda fn, *args, **kw: sharded_scores(fn, *args, shard, **kw))
             if shard.rank == 0:
-                arrays = {}
-                for epoch in wanted:
-                    path = _epoch_file(store, run_key, epoch)
-                    arrays.update(_read_scores_file(path, wanted[epoch], scored.num_train))
-                write_arrays(finished, **finish_scoring_run(arrays))
-                for epoch in wanted:
-                    _epoch_file(store, run_key, epoch).unlink(missing_ok=True)
+                keep_scoring_run(preset, store, key, seed, arrays)
                 _done(store, run_key, f"scoring run {seed}", shard)
-            dist.barrier()
-            checkpoint.unlink(missing_ok=True)
+            dist.barrier()  # stored before any rank deletes its checkpoint
+            run_checkpoint(store, run_key, shard).unlink(missing_ok=True)
         finally:
             if claim is not None:
                 claim.release()

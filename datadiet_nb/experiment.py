@@ -28,7 +28,7 @@ from .prune import (RULES, ccs_indices, check_sparsity, class_balanced_indices, 
                     matched_random_indices, random_indices, select_indices)
 from .scores import EPOCH_FUNCTIONS, SCORE_FUNCTIONS, forgetting_scores
 from .store import WAIT_POLL_S, Store, config_key, read_arrays, read_json, write_arrays, write_json
-from .train import Diverged, predict, train
+from .train import Diverged, Shard, predict, train
 
 T = TypeVar("T")
 log = logging.getLogger("datadiet_nb")
@@ -271,12 +271,10 @@ def compute_scoring_run(preset: Preset, dataset: Dataset, store: Store, seed: in
 
     def make() -> dict[str, np.ndarray]:
         run_key = scoring_run_key(key, seed)
-        scores = finish_scoring_run(_scoring_run(preset, scored, store, run_key, seed, scores_wanted(preset),
-                                                 resolve_device(preset.device), progress))
-        write_arrays(finished, **scores)
-        for path in [store.checkpoint_path(f"{run_key}.pt"),
-                     *(_epoch_file(store, run_key, epoch) for epoch in scores_wanted(preset))]:
-            path.unlink(missing_ok=True)
+        arrays = _scoring_run(preset, scored, store, run_key, seed, scores_wanted(preset),
+                              resolve_device(preset.device), progress)
+        scores = keep_scoring_run(preset, store, key, seed, arrays)
+        run_checkpoint(store, run_key).unlink(missing_ok=True)
         return scores
 
     if seed not in preset.scoring.seeds:
@@ -288,25 +286,59 @@ def _epoch_file(store: Store, run_key: str, epoch: int) -> Path:
     return store.checkpoint_path(f"{run_key}-epoch{epoch}.scores.npz")
 
 
+def run_checkpoint(store: Store, key: str, shard: Shard | None = None) -> Path:
+    """The training checkpoint of the job ``key`` (a rank of a distributed run has its own)."""
+    return store.checkpoint_path(f"{key}.pt" if shard is None else f"{key}.rank{shard.rank}.pt")
+
+
+def keep_scoring_run(preset: Preset, store: Store, scores_key: str, seed: int,
+                     arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Store a finished scoring run's arrays (:func:`finish_scoring_run`) until the runs are averaged, and delete
+    the per-epoch files it was taken from."""
+    scores = finish_scoring_run(arrays)
+    write_arrays(scoring_run_file(store, scores_key, seed), **scores)
+    for epoch in scores_wanted(preset):
+        _epoch_file(store, scoring_run_key(scores_key, seed), epoch).unlink(missing_ok=True)
+    return scores
+
+
+def _scores_of(score: Callable[..., torch.Tensor], model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+               *, batch_size: int) -> np.ndarray:
+    return score(model, inputs, labels, batch_size=batch_size).double().numpy()
+
+
 def _scoring_run(preset: Preset, dataset: Dataset, store: Store, run_key: str, seed: int,
-                 wanted: dict[int, list[str]], device: torch.device, progress: bool) -> dict[str, np.ndarray]:
-    """One scoring run: train on the scoring recipe, taking (and saving) each wanted score at its epoch."""
-    model = seeded_model(preset, dataset, seed).to(device)
+                 wanted: dict[int, list[str]], device: torch.device, progress: bool, *, shard: Shard | None = None,
+                 measure: Callable[..., np.ndarray] = _scores_of, sync_batchnorm: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """One scoring run: train on the scoring recipe, taking (and saving) each wanted score at its epoch.
+
+    With ``shard`` this process is one rank of a distributed scoring run (:mod:`.distributed`): ``measure``
+    scores this rank's part and gathers every rank's; rank 0 writes the arrays and returns them, the others {}.
+    """
+    model = seeded_model(preset, dataset, seed)
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
     inputs = data.normalize(dataset.train_images, torch.tensor(dataset.mean), torch.tensor(dataset.std))
+    writes = shard is None or shard.rank == 0
 
     def take(epoch: int) -> None:
         path = _epoch_file(store, run_key, epoch)
         if epoch in wanted and _read_scores_file(path, wanted[epoch], dataset.num_train) is None:
-            write_arrays(path, **{name: EPOCH_FUNCTIONS[name.partition("_at")[0]](
-                model, inputs, dataset.train_labels, batch_size=preset.scoring.batch_size).double().numpy()
-                for name in wanted[epoch]})
+            arrays = {name: measure(EPOCH_FUNCTIONS[name.partition("_at")[0]], model, inputs, dataset.train_labels,
+                                    batch_size=preset.scoring.batch_size) for name in wanted[epoch]}
+            if writes:
+                write_arrays(path, **arrays)
 
     take(0)
     last = max(wanted)
     if last > 0:
-        train(model, dataset, scoring_recipe(preset), seed=seed, device=device, stop_epoch=last, progress=progress,
-              checkpoint=store.checkpoint_path(f"{run_key}.pt"), checkpoint_every=preset.checkpoint_epochs,
-              on_epoch=take)
+        train(model, dataset, scoring_recipe(preset), seed=seed, device=device, stop_epoch=last,
+              progress=progress and writes, checkpoint=run_checkpoint(store, run_key, shard),
+              checkpoint_every=preset.checkpoint_epochs, on_epoch=take, shard=shard)
+    if not writes:
+        return {}
     scores: dict[str, np.ndarray] = {}
     for epoch, names in wanted.items():
         found = _read_scores_file(_epoch_file(store, run_key, epoch), names, dataset.num_train)
@@ -396,7 +428,7 @@ def _train_and_record(preset: Preset, dataset: Dataset, config: dict, key: str, 
     started = time.perf_counter()
     kept = kept_indices(preset, dataset, config["score"], config["sparsity"], config["seed"], store, progress=progress)
     model = seeded_model(preset, dataset, config["seed"])
-    checkpoint = store.checkpoint_path(f"{key}.pt")
+    checkpoint = run_checkpoint(store, key)
     fit = train(model, dataset, preset.recipe, seed=config["seed"], indices=torch.from_numpy(kept), device=device,
                 progress=progress, checkpoint=checkpoint, checkpoint_every=preset.checkpoint_epochs)
     predictions = predict(model, dataset.test_images, dataset, batch_size=preset.recipe.eval_batch_size,

@@ -136,6 +136,13 @@ def status(preset: Preset, store: Store) -> list[tuple[Job, str, str]]:
         detail, slurm.describe(store, job.key, in_queue)]))) for job, state, detail in states]
 
 
+def pending(preset: Preset, dataset: Dataset, store: Store) -> list[Job]:
+    """The jobs an executor still has to run, in plan order: neither done nor recorded as failed (:func:`collect`
+    reports those)."""
+    num_scored = scored_dataset(preset, dataset).num_train
+    return [job for job in jobs(preset, dataset) if job_state(store, job, num_scored)[0] not in ("done", "failed")]
+
+
 def collect(preset: Preset, dataset: Dataset, store: Store, failures: dict[str, str]) -> SweepOutcome:
     """The sweep's stored records in plan order, and every failure (those the executor saw and those recorded)."""
     records, failed = [], dict(failures)

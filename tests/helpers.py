@@ -160,3 +160,10 @@ def assert_same_study(store: Path, reference: Path) -> None:
     assert not list((store / "claims").glob("*.claim")), "a finished sweep leaves no claim behind"
     assert not list((store / "checkpoints").glob("*")), "a finished sweep leaves no checkpoint behind"
     assert not list(store.rglob("*.tmp")), "no half-written file is left"
+
+
+def study_toml(epochs: int) -> str:
+    """A small digits study as a preset file: sparsities 0 and 0.5, one seed, a checkpoint after every pass of
+    ``epochs``, two scoring runs scored at epoch 1."""
+    return (f'base = "digits"\nsparsities = [0.0, 0.5]\nseeds = [0]\ncheckpoint_epochs = 1\n[recipe]\n'
+            f'epochs = {epochs}\n[scoring]\nnum_runs = 2\nepoch = 1\n')

@@ -21,21 +21,11 @@ from datadiet_nb import presets
 from datadiet_nb.experiment import load_dataset
 from datadiet_nb.store import Store
 from datadiet_nb.sweep import jobs, run_sweep
-from helpers import DIVERGE_IN_EVERY_PROCESS, assert_same_study, predictions_by_key
+from helpers import DIVERGE_IN_EVERY_PROCESS, assert_same_study, predictions_by_key, study_toml
 from slurm_cluster import PARTITION, missing_tools, single_node_slurm
 
 # Long enough (30 passes, a checkpoint after each) that a kill can land mid-run; seconds on a CPU.
-STUDY = """\
-base = "digits"
-sparsities = [0.0, 0.5]
-seeds = [0]
-checkpoint_epochs = 1
-[recipe]
-epochs = 30
-[scoring]
-num_runs = 2
-epoch = 1
-"""
+STUDY = study_toml(epochs=30)
 WAIT_LIMIT_S = 300
 
 

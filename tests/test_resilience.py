@@ -23,19 +23,9 @@ from datadiet_nb.experiment import compute_scores, load_dataset, train_run
 from datadiet_nb.results import load_results
 from datadiet_nb.store import Store, write_json
 from datadiet_nb.sweep import jobs, run_sweep, status
-from helpers import assert_same_study, diverge_runs_of
+from helpers import assert_same_study, diverge_runs_of, study_toml
 
-TINY_STUDY = """\
-base = "digits"
-sparsities = [0.0, 0.5]
-seeds = [0]
-checkpoint_epochs = 1
-[recipe]
-epochs = 4
-[scoring]
-num_runs = 2
-epoch = 1
-"""
+TINY_STUDY = study_toml(epochs=4)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..presets import Preset
 from ..store import Store
-from ..sweep import job_state, jobs, load_dataset, run_remote_job, scored_dataset
+from ..sweep import load_dataset, pending, run_remote_job
 
 TASK_RETRIES = 3  # times Ray reruns a task whose worker process or node died
 CONNECT_TIMEOUT_S = 5.0
@@ -70,7 +70,7 @@ def _ray():
 
 
 def run(preset: Preset, store: Store, options: RayOptions, *, progress: bool = True) -> dict[str, str]:
-    """Run every job of the preset that is not done as a Ray task; returns the failures by job label."""
+    """Run every job of the preset that is neither done nor failed as a Ray task; returns the new failures by label."""
     options.validate()
     ray = _ray()
     local = options.address is None
@@ -102,24 +102,16 @@ def _run_tasks(ray, preset: Preset, store: Store, options: RayOptions, progress:
     gpus = _gpus_per_job(ray, preset, options)
     task = ray.remote(num_cpus=options.cpus_per_job, num_gpus=gpus, max_retries=TASK_RETRIES,
                       retry_exceptions=False)(run_remote_job)
-    dataset = load_dataset(preset)
-    num_scored = scored_dataset(preset, dataset).num_train
     root = str(store.root.resolve())
     refs, label_of, failures = {}, {}, {}
-    for job in jobs(preset, dataset):
-        state, detail = job_state(store, job, num_scored)
-        if state == "done":
-            continue
-        if state == "failed":
-            failures[job.label] = detail
-            continue
+    for job in pending(preset, load_dataset(preset), store):
         needed = [refs[key] for key in job.needs if key in refs]  # Ray starts the task once these are done
         ref = task.options(name=job.label).remote(preset, root, store.claim_timeout, job, *needed)
         refs[job.key], label_of[ref] = ref, job.label
-    pending = list(label_of)
-    bar = tqdm(total=len(pending), desc=f"sweep {preset.name} on Ray", unit="job", disable=not progress)
-    while pending:
-        finished, pending = ray.wait(pending, num_returns=1)
+    running = list(label_of)
+    bar = tqdm(total=len(running), desc=f"sweep {preset.name} on Ray", unit="job", disable=not progress)
+    while running:
+        finished, running = ray.wait(running, num_returns=1)
         for ref in finished:
             label = label_of[ref]
             try:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..presets import Preset
 from ..store import Store, read_json, write_json
-from ..sweep import Job, job_state, jobs, load_dataset, run_remote_job, scored_dataset
+from ..sweep import Job, job_state, load_dataset, pending, run_remote_job, scored_dataset
 
 POLL_S = 5.0  # how often --wait looks at the queue and the store
 COMMAND_TIMEOUT_S = 60
@@ -108,8 +108,8 @@ def queue() -> dict[str, str]:
 
 
 def run(preset: Preset, store: Store, options: SlurmOptions, *, progress: bool = True) -> dict[str, str]:
-    """Submit every job of the preset that is not done; with ``options.wait``, follow them to the end.
-    Returns the failures by job label (those recorded already, and with ``wait`` the new ones)."""
+    """Submit every job of the preset that is neither done, failed nor still queued; with ``options.wait``, follow
+    them to the end. Returns the new failures by job label (:func:`~datadiet_nb.sweep.collect` adds the recorded)."""
     try:
         import submitit
     except ImportError:
@@ -117,24 +117,20 @@ def run(preset: Preset, store: Store, options: SlurmOptions, *, progress: bool =
     log.warning("the Slurm jobs write to %s: it must be on a filesystem every node of partition %s sees",
                 store.root.resolve(), options.partition)
     dataset = load_dataset(preset)
-    num_scored = scored_dataset(preset, dataset).num_train
     in_queue, submitted_before = queue(), submitted_jobs(store)
-    failures, todo, slurm_ids = {}, [], {}
-    for job in jobs(preset, dataset):
-        state, detail = job_state(store, job, num_scored)
+    todo, followed, slurm_ids = [], [], {}
+    for job in pending(preset, dataset, store):
         queued = submitted_before.get(job.key, {}).get("slurm_id")
-        if state == "failed":
-            failures[job.label] = detail
-        elif state != "done" and queued in in_queue:
+        if queued in in_queue:
             slurm_ids[job.key] = queued  # submitted by an earlier sweep and still queued: followed, not resubmitted
-        elif state != "done":
+            followed.append(job)
+        else:
             todo.append(job)
     executor = submitit.SlurmExecutor(folder=store.root.resolve() / "slurm" / "logs")
     gpus = options.gpus_per_job if options.gpus_per_job is not None else (0 if preset.device == "cpu" else 1)
     executor.update_parameters(partition=options.partition, time=options.timeout_min, gpus_per_node=gpus or None,
                                cpus_per_task=math.ceil(options.cpus_per_job), array_parallelism=options.max_parallel,
                                job_name=f"datadiet-{preset.name}")
-    followed = [job for job in jobs(preset, dataset) if job.key in slurm_ids]
     for stage in _stages(todo):
         needed = sorted({slurm_ids[key] for job in stage for key in job.needs if key in slurm_ids})
         executor.update_parameters(dependency=f"afterany:{':'.join(needed)}" if needed else None)
@@ -149,9 +145,7 @@ def run(preset: Preset, store: Store, options: SlurmOptions, *, progress: bool =
                     ", ".join(sorted({_base(slurm_ids[job.key]) for job in todo}, key=int)))
     if followed:
         log.warning("%d jobs submitted earlier are still queued; not submitted again", len(followed))
-    if options.wait:
-        failures.update(follow(preset, store, followed + todo, slurm_ids, progress=progress))
-    return failures
+    return follow(preset, store, followed + todo, slurm_ids, progress=progress) if options.wait else {}
 
 
 def _stages(todo: list[Job]) -> list[list[Job]]:
