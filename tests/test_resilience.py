@@ -25,7 +25,8 @@ from datadiet_nb.store import Store, write_json
 from datadiet_nb.sweep import jobs, run_sweep, status
 from helpers import assert_same_study, diverge_runs_of, study_toml
 
-TINY_STUDY = study_toml(epochs=4)
+# 12 passes: long enough that two sweeps started together both find work (at 4, one could finish all first)
+TINY_STUDY = study_toml(epochs=12)
 
 
 @pytest.fixture
