@@ -162,10 +162,11 @@ def drop_quotas(class_error, class_sizes, n_keep: int) -> np.ndarray:
 
 def ccs_bins(scores, beta: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """CCS's strata: (the indices left once the hardest ``beta`` fraction is cut, each one's bin in ``range(bins)``),
-    bins of equal width over the remaining scores' range (the last bin includes the maximum)."""
+    bins of equal width over the remaining scores' range (the last bin includes the maximum). The cut is
+    round(beta N) examples, halves rounded up as in :func:`num_kept`."""
     scores = np.asarray(scores, dtype=np.float64)
     order = hardest_first(scores)
-    left = np.sort(order[round(beta * len(scores)):])
+    left = np.sort(order[int(math.floor(beta * len(scores) + 0.5)):])
     low, high = scores[left].min(), scores[left].max()
     width = (high - low) / bins
     which = np.zeros(len(left), dtype=np.int64) if width == 0 else np.minimum(

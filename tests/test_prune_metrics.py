@@ -5,7 +5,8 @@ import pytest
 
 from datadiet_nb.errors import UserError
 from datadiet_nb.metrics import bias_measures, change_vs_dense, class_accuracy, overall_accuracy, rank_correlation
-from datadiet_nb.prune import (ccs_bins, ccs_indices, class_balanced_indices, class_keep_ratio, drop_quotas,
+from datadiet_nb.prune import (ccs_bins, ccs_indices, class_balanced_indices, class_keep_ratio, drop_indices,
+                               drop_quotas,
                                largest_remainder, matched_random_indices, num_kept, random_indices, select_indices)
 
 
@@ -195,6 +196,19 @@ def test_drop_quotas_by_hand(error, sizes, n_keep, expected):
     assert quotas.tolist() == expected and quotas.sum() == n_keep and np.all(quotas <= sizes)
 
 
+def test_drop_indices_keep_each_classes_quota_at_random_or_by_score():
+    labels = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    scores = np.arange(30.0)[::-1]  # within each class the lowest index scores highest
+    error = [0.5, 0.1, 0.4]  # quotas of 15: [8, 1, 6] (see the table above)
+    by_score = drop_indices(error, labels, 0.5, 3, scores=scores, seed=0)
+    assert by_score.tolist() == list(range(8)) + [10] + list(range(20, 26))
+    at_random = drop_indices(error, labels, 0.5, 3, seed=0)
+    assert at_random.dtype == np.int64 and np.all(np.diff(at_random) > 0)
+    assert np.bincount(labels[at_random], minlength=3).tolist() == [8, 1, 6]
+    assert np.array_equal(at_random, drop_indices(error, labels, 0.5, 3, seed=0))
+    assert not np.array_equal(at_random, drop_indices(error, labels, 0.5, 3, seed=1))
+
+
 def test_drop_quotas_sum_to_n_keep_within_class_sizes_and_follow_the_error():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -248,3 +262,11 @@ def test_ccs_never_keeps_the_cut_examples_and_keeps_round_1_minus_s_n():
 def test_ccs_refuses_a_beta_that_leaves_too_few_examples():
     with pytest.raises(UserError, match="CCS with beta=0.3 keeps at most 7 of 10 examples, but sparsity 0.1 keeps 9"):
         ccs_indices(np.arange(10.0), sparsity=0.1, beta=0.3, bins=2, seed=0)
+    with pytest.raises(UserError, match="keeps at most 7 of 10 examples, but sparsity 0.2 keeps 8"):  # one short
+        ccs_indices(np.arange(10.0), sparsity=0.2, beta=0.3, bins=2, seed=0)
+    assert ccs_indices(np.arange(10.0), sparsity=0.3, beta=0.3, bins=2, seed=0).tolist() == list(range(7))
+
+
+def test_ccs_cuts_round_beta_n_with_halves_rounded_up_like_the_kept_count():
+    left, _ = ccs_bins(np.arange(10.0), beta=0.25, bins=2)  # 2.5 examples: the 3 hardest go
+    assert left.tolist() == list(range(7))
