@@ -233,10 +233,12 @@ ALPHA = 0.05
 
 
 def bias_pairs(rules: list[str]) -> list[tuple[str, str]]:
-    """What each rule is compared with: random pruning, and a score's ``-matched`` twin (same per-class counts,
-    examples drawn at random), whose difference is the effect of *which* examples are kept."""
-    pairs = [(rule, "random") for rule in rules if rule not in ("random", DENSE)]
-    return pairs + [(score, f"{score}-matched") for score in SCORES if f"{score}-matched" in rules and score in rules]
+    """What each rule is compared with: random pruning, a score's ``-matched`` twin (same per-class counts,
+    examples drawn at random), whose difference is the effect of *which* examples are kept, and the dense run."""
+    pruned = [rule for rule in rules if rule != DENSE]
+    pairs = [(rule, "random") for rule in pruned if rule != "random"]
+    pairs += [(score, f"{score}-matched") for score in SCORES if f"{score}-matched" in rules and score in rules]
+    return pairs + [(rule, DENSE) for rule in pruned]
 
 
 def difference_text(row: pd.Series | None, points: bool = True) -> GlueText:
@@ -271,6 +273,7 @@ def bias_numbers(summary: pd.DataFrame, differences: pd.DataFrame, labels: dict[
     el2n, matched = labels.get("el2n", "EL2N"), labels.get("el2n-matched", "EL2N matched")
     which = _difference(differences, "el2n", "el2n-matched", "std", sparsity)
     numbers["which_std"] = difference_text(which)
+    numbers["which_worst"] = difference_text(_difference(differences, "el2n", "el2n-matched", "worst", sparsity))
     numbers["which_verdict"] = _says(
         which, f"which examples {el2n} keeps lowers the spread beyond how many of each class it keeps",
         f"which examples {el2n} keeps raises the spread beyond how many of each class it keeps",
@@ -294,9 +297,14 @@ def bias_numbers(summary: pd.DataFrame, differences: pd.DataFrame, labels: dict[
         p = row["std_below_dense_p"]
         claim = "the claim of the poster that moderate pruning lowers the spread"
         at_point = f"at {100 * sparsity:.0f} % sparsity the spread under {el2n}"
+        worst = _difference(differences, "el2n", DENSE, "worst", sparsity)
         numbers["poster_claim"] = GlueText(
-            f"supports {claim}: {at_point} is lower than dense ({p_value(p)})" if p == p and p < ALPHA else
-            f"does not support {claim}: {at_point} is not shown to be lower than dense ({p_value(p)})")
+            (f"supports {claim}: {at_point} is lower than dense ({p_value(p)})" if p == p and p < ALPHA else
+             f"does not support {claim}: {at_point} is not shown to be lower than dense ({p_value(p)})")
+            + ("" if worst is None else "; " + _says(
+                worst, f"but its worst class falls too, by {difference_text(worst)}: the spread narrows by levelling down",
+                f"and its worst class rises, by {difference_text(worst)}",
+                f"its worst class is not shown to change: {difference_text(worst)}")))
     return numbers
 
 

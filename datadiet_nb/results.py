@@ -136,14 +136,16 @@ def paired_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]],
                        measures: Iterable[str] = ("std", "worst")) -> pd.DataFrame:
     """For each (rule, baseline) pair and sparsity where both ran, the difference rule - baseline of each measure
     over the seeds both have (runs of one seed paired): mean, 95 % t interval, and the two-sided paired t-test p
-    (NaN with fewer than two seeds or no spread in the differences)."""
+    (NaN with fewer than two seeds or no spread in the differences). The baseline ``dense`` is the dense run of
+    the seed, whatever the rule's sparsity."""
     per_run = run_measures(results).set_index(["score", "sparsity", "seed"]).sort_index()
     rows = []
     for rule, baseline in pairs:
         for sparsity in sorted(set(per_run.loc[rule].index.get_level_values(0)) if rule in per_run.index else []):
-            if (baseline, sparsity) not in per_run.index.droplevel(2):
+            baseline_at = 0.0 if baseline == DENSE else sparsity
+            if (baseline, baseline_at) not in per_run.index.droplevel(2):
                 continue
-            mine, theirs = per_run.loc[(rule, sparsity)], per_run.loc[(baseline, sparsity)]
+            mine, theirs = per_run.loc[(rule, sparsity)], per_run.loc[(baseline, baseline_at)]
             seeds = sorted(set(mine.index) & set(theirs.index))
             for measure in measures:
                 diff = mine.loc[seeds, measure].to_numpy() - theirs.loc[seeds, measure].to_numpy()

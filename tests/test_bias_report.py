@@ -47,6 +47,18 @@ def test_paired_differences_pair_runs_of_the_same_seed_by_hand():
     assert paired_differences(results_of(RUNS), [("ccs", "random")]).empty  # a rule that did not run
 
 
+def test_differences_against_dense_pair_each_run_with_the_dense_run_of_its_seed():
+    runs = {**RUNS, ("dense", 0.0, 0): [0.95, 0.9, 0.7], ("dense", 0.0, 1): [0.9, 0.9, 0.75],
+            ("el2n", 0.3, 0): [0.9, 0.85, 0.8], ("el2n", 0.3, 1): [0.9, 0.9, 0.8]}
+    table = paired_differences(results_of(runs), [("el2n", "dense")]).set_index(["sparsity", "measure"])
+    for sparsity in (0.3, 0.5):
+        mine = np.array([min(runs[("el2n", sparsity, s)]) for s in (0, 1)])  # seed 3 has no dense run
+        theirs = np.array([min(runs[("dense", 0.0, s)]) for s in (0, 1)])
+        row = table.loc[(sparsity, "worst")]
+        assert row["difference"] == pytest.approx((mine - theirs).mean()) and row["num_seeds"] == 2
+        assert row["p"] == pytest.approx(scipy_stats.ttest_rel(mine, theirs).pvalue)
+
+
 def test_run_measures_are_the_spread_of_each_runs_class_accuracies():
     measures = run_measures(results_of(RUNS)).set_index("key").loc["el2n-0.5-0"]
     assert measures["std"] == pytest.approx(np.std([0.9, 0.8, 0.8]))
@@ -84,11 +96,25 @@ def test_the_poster_claim_is_supported_only_with_a_significant_paired_test():
     assert report.bias_numbers(lower, empty, labels)["poster_claim"].startswith("supports the claim of the poster")
     assert report.bias_numbers(SUMMARY, empty, labels)["el2n_keep_error_rho"] == "0.80 (95 % CI 0.50 to 0.95)"
     assert report.bias_numbers(SUMMARY, empty, labels)["drop_vs_random_worst"] == "n/a (not run)"
+    assert ";" not in report.bias_numbers(lower, empty, labels)["poster_claim"]  # no dense pairing, no clause
+
+
+@pytest.mark.parametrize("difference, p, says", [
+    (-0.12, 0.01, "but its worst class falls too, by -12.0 points"),
+    (0.05, 0.01, "and its worst class rises, by +5.0 points"),
+    (-0.12, 0.20, "its worst class is not shown to change: -12.0 points"),
+])
+def test_the_poster_claim_says_whether_the_worst_class_fell_with_the_spread(difference, p, says):
+    lower = SUMMARY.assign(std_below_dense_p=0.01)
+    claim = report.bias_numbers(lower, differences_with("el2n", "dense", "worst", difference, p), {"el2n": "EL2N"})
+    assert claim["poster_claim"].startswith("supports the claim of the poster") and f"; {says}" in claim["poster_claim"]
+    assert claim["poster_claim"].endswith("levelling down") == (says.startswith("but"))
 
 
 def test_bias_pairs_compare_with_random_and_the_matched_twin():
     assert report.bias_pairs(["el2n", "random", "el2n-matched", "drop"]) == [
-        ("el2n", "random"), ("el2n-matched", "random"), ("drop", "random"), ("el2n", "el2n-matched")]
+        ("el2n", "random"), ("el2n-matched", "random"), ("drop", "random"), ("el2n", "el2n-matched"),
+        ("el2n", "dense"), ("random", "dense"), ("el2n-matched", "dense"), ("drop", "dense")]
 
 
 def test_bias_figures_have_a_panel_per_measure_and_per_rule():
