@@ -12,6 +12,7 @@ from .scores import SCORES
 from .store import Store
 
 HEADLINE_SPARSITY = 0.5
+SAME_KEEP_RATIO = 0.005  # keep ratios closer than this count as one fraction of every class
 
 
 class GlueText(str):
@@ -88,7 +89,7 @@ def headline_numbers(results: pd.DataFrame, summary: pd.DataFrame | None = None)
         where = "" if sparsity in (None, HEADLINE_SPARSITY) else f" (at sparsity {sparsity:g})"
         at = summary[(summary["score"] == score) & (summary["sparsity"] == sparsity)]
         keep = results[(results["score"] == score) & (results["sparsity"] == sparsity)]
-        top = keep.groupby("class")["keep_ratio"].mean().sort_values(ascending=False).head(2)
+        top = top_keep_classes(keep.groupby("class")["keep_ratio"].mean())
         row = at.iloc[0] if len(at) else None
         numbers[f"{score}_accuracy_50"] = GlueText(with_interval(row, "overall_accuracy") + where) if row is not None else na
         numbers[f"{score}_class_std_50"] = GlueText(with_interval(row, "class_std") + where) if row is not None else na
@@ -96,8 +97,7 @@ def headline_numbers(results: pd.DataFrame, summary: pd.DataFrame | None = None)
                                                       if row is not None else na)
         numbers[f"{score}_std_p_50"] = p_value(row["std_below_dense_p"]) if row is not None else na
         numbers[f"{score}_std_verdict_50"] = std_verdict(row["std_below_dense_p"]) if row is not None else na
-        numbers[f"{score}_top_keep_classes"] = (GlueText(" and ".join(f"{c} ({r:.2f})" for c, r in top.items()) + where)
-                                                if len(top) else na)
+        numbers[f"{score}_top_keep_classes"] = GlueText(top + where) if top else na
     return numbers
 
 
@@ -105,6 +105,16 @@ BUDGET_TEXT = {
     "steps": "every pruned subset trains for as many optimiser steps as the full training set (Data Diet's rule)",
     "epochs": "every pruned subset trains for as many epochs as the full training set (fewer steps when pruned)",
 }
+
+
+def top_keep_classes(keep_ratio: pd.Series) -> str:
+    """The two classes kept most (``cat (0.90) and dog (0.71)``), or ``every class alike (0.50)`` when the rule
+    keeps the same fraction of every class (to the rounding of one example); "" for no classes."""
+    if keep_ratio.empty:
+        return ""
+    if keep_ratio.max() - keep_ratio.min() < SAME_KEEP_RATIO:
+        return f"every class alike ({keep_ratio.mean():.2f})"
+    return " and ".join(f"{c} ({r:.2f})" for c, r in keep_ratio.sort_values(ascending=False).head(2).items())
 
 
 def study_numbers(preset: Preset) -> dict[str, GlueText]:

@@ -52,6 +52,14 @@ def test_best_and_worst_classes_are_chosen_by_the_ranking_not_by_the_test_set():
     assert "EL2N@3" in fig._suptitle.get_text()
 
 
+def test_top_keep_classes_name_the_two_kept_most_or_say_every_class_is_kept_alike():
+    ratios = pd.Series({"cat": 0.9, "dog": 0.71, "ship": 0.2})
+    assert report.top_keep_classes(ratios) == "cat (0.90) and dog (0.71)"
+    assert report.top_keep_classes(pd.Series({"cat": 0.5, "dog": 0.502, "ship": 0.499})) == "every class alike (0.50)"
+    assert report.top_keep_classes(pd.Series({"cat": 0.5, "dog": 0.51})) == "dog (0.51) and cat (0.50)"
+    assert report.top_keep_classes(pd.Series(dtype=float)) == ""
+
+
 def test_headline_numbers_come_from_the_table():
     numbers = report.headline_numbers(fake_results())
     assert numbers["dense_accuracy"].startswith(f"{100 * (np.mean([0.6, 0.7, 0.95]) + 0.005):.1f} % (95 % CI ")
