@@ -133,7 +133,7 @@ CIFAR10_CPU = Preset(
     model_options={"width": 8}, train_per_class=500, recipe=CIFAR10_CPU_RECIPE, scoring=CIFAR10_CPU_SCORING,
     sparsities=(0.0, 0.3, 0.5, 0.7, 0.9), seeds=(0, 1, 2),
 )
-# The bias chapter on real CIFAR-10 (about 50 minutes on 2 cores): every rule but forgetting at half sparsity,
+# The bias chapter on real CIFAR-10 (about an hour on 2 cores): every rule but forgetting at half sparsity,
 # 5 seeds. It shares cifar10-cpu's scoring runs (which take EL2N and GraNd) and its runs; forgetting would score
 # the 50,000 images again, counting each example's predictions after every epoch.
 CIFAR10_CPU_BIAS = dataclasses.replace(
