@@ -23,6 +23,7 @@ SCORE_ORDER = list(PRUNING_SCORES)
 FIGSIZE = (6.4, 4.0)
 MANY_CLASSES = 20  # above this, per-class line plots get no legend
 BAND_ALPHA = 0.15
+SINGLE_POINT_DODGE = 0.008  # sparsity units between the error bars of groups that have one point each
 
 
 def with_dense_start(frame: pd.DataFrame) -> pd.DataFrame:
@@ -34,9 +35,16 @@ def with_dense_start(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _bands(ax, frame: pd.DataFrame, group: str, value: str, order: list, names: dict, colors) -> None:
-    """One line per ``group`` (mean, with markers) and its 95 % interval band (``value_lo``/``value_hi``)."""
+    """One line per ``group`` (mean, with markers) and its 95 % interval band (``value_lo``/``value_hi``); a
+    group with a single point gets an error bar instead, set a little apart from the others' so that all show."""
+    single = [item for item in order if (frame[group] == item).sum() == 1]
     for item, color in zip(order, colors):
         part = frame[frame[group] == item].sort_values("sparsity")
+        if item in single:
+            x = part["sparsity"] + SINGLE_POINT_DODGE * (single.index(item) - (len(single) - 1) / 2)
+            ax.errorbar(x, part[value], yerr=[part[value] - part[f"{value}_lo"], part[f"{value}_hi"] - part[value]],
+                        fmt="o", markersize=4, capsize=2, color=color, label=names.get(item, item))
+            continue
         ax.plot(part["sparsity"], part[value], marker="o", markersize=4, color=color, label=names.get(item, item))
         ax.fill_between(part["sparsity"], part[f"{value}_lo"], part[f"{value}_hi"], color=color, alpha=BAND_ALPHA,
                         linewidth=0)

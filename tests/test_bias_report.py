@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib.container
 import numpy as np
 import pandas as pd
 import pytest
@@ -128,6 +129,14 @@ def test_bias_figures_have_a_panel_per_measure_and_per_rule():
     summary = pd.DataFrame(rows)
     fig = plots.bias_panels(summary)
     assert sum(ax.get_visible() for ax in fig.axes) == len(plots.BIAS_MEASURES)
+    # one pruned sparsity: the panels against dense have one point per rule, each drawn with its interval
+    fig = plots.bias_panels(summary[summary["sparsity"] != 0.3])
+    relative = fig.axes[list(plots.BIAS_MEASURES).index("mean_abs_change")]
+    bars = [c for c in relative.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    assert len(bars) == 2 and all(len(bar.lines[2][0].get_segments()) == 1 for bar in bars)
+    [(bottom, top)] = [segment[:, 1] for segment in bars[0].lines[2][0].get_segments()]
+    assert (bottom, top) == pytest.approx((0.4, 0.6))
+    assert bars[0].lines[0].get_xdata()[0] != bars[1].lines[0].get_xdata()[0]  # set apart
     runs = {("dense", 0.0, 0): [0.9, 0.7, 0.8], ("el2n", 0.5, 0): [0.9, 0.8, 0.8], ("random", 0.5, 0): [0.8] * 3}
     fig = plots.keep_ratio_vs_dense_error(results_of(runs, keep={"el2n": [0.3, 0.9, 0.5]}), summary, 0.5)
     visible = [ax for ax in fig.axes if ax.get_visible()]
