@@ -241,8 +241,10 @@ def keep_ratio_vs_dense_error(results: pd.DataFrame, summary: pd.DataFrame, spar
         keep = at[at["score"] == rule].groupby("class")["keep_ratio"].mean()
         ax.scatter(1 - dense.reindex(keep.index), keep, s=14, color=colors[rule])
         row = summary[(summary["score"] == rule) & (summary["sparsity"] == sparsity)].iloc[0]
-        ax.set_title(f"{names.get(rule, rule)}: rho {row['keep_error_spearman']:.2f} "
-                     f"[{row['keep_error_spearman_lo']:.2f}, {row['keep_error_spearman_hi']:.2f}]", fontsize=8)
+        rho = row["keep_error_spearman"]
+        ax.set_title(f"{names.get(rule, rule)}: " + (
+            "rho undefined (every class kept alike)" if rho != rho else
+            f"rho {rho:.2f} [{row['keep_error_spearman_lo']:.2f}, {row['keep_error_spearman_hi']:.2f}]"), fontsize=8)
     for ax in axes.flat[len(rules):]:
         ax.set_visible(False)
     for ax in axes[-1]:

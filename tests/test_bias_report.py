@@ -141,6 +141,10 @@ def test_bias_figures_have_a_panel_per_measure_and_per_rule():
     fig = plots.keep_ratio_vs_dense_error(results_of(runs, keep={"el2n": [0.3, 0.9, 0.5]}), summary, 0.5)
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title().split(":")[0] for ax in visible] == ["EL2N", "Random"]
+    assert visible[0].get_title() == "EL2N: rho 0.50 [0.40, 0.60]"
+    undefined = summary.assign(keep_error_spearman=np.where(summary["score"] == "random", np.nan, 0.5))
+    fig = plots.keep_ratio_vs_dense_error(results_of(runs, keep={"el2n": [0.3, 0.9, 0.5]}), undefined, 0.5)
+    assert fig.axes[1].get_title() == "Random: rho undefined (every class kept alike)"
     assert list(visible[0].collections[0].get_offsets()[:, 1]) == [0.3, 0.9, 0.5]
     assert report.bias_table(summary).shape == (5, len(plots.BIAS_MEASURES) + 1)
 
