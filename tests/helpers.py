@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,12 @@ sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from helpers import diverge_runs_of
 diverge_runs_of({{score!r}})
 """
+
+
+def interruptible() -> None:
+    """Popen's ``preexec_fn`` for a child the test will SIGINT: the signal back to its default action, since a
+    shell's background job (``cmd &``) ignores SIGINT and its children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # --- comparing a study with an uninterrupted reference ----------------------------------------

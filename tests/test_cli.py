@@ -22,7 +22,7 @@ from datadiet_nb.cli import main
 from datadiet_nb.experiment import compute_scores, load_dataset
 from datadiet_nb.store import Store
 from datadiet_nb.sweep import jobs
-from helpers import hand_summary, records_in
+from helpers import hand_summary, interruptible, records_in
 
 TINY = ["--set", "recipe.epochs=2", "--set", "scoring.num_runs=1", "--set", "scoring.epoch=1", "--set", "seeds=0"]
 
@@ -160,7 +160,8 @@ def test_ctrl_c_exits_130_with_nothing_half_written_and_the_run_resumes(tmp_path
     store = tmp_path / "runs"
     command = [sys.executable, "-m", "datadiet_nb.cli", "train", "--store", str(store), "--quiet", *TINY,
                "--set", "recipe.epochs=40", "--set", "checkpoint_epochs=1", "--score", "random", "--sparsity", "0.5"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     deadline = time.monotonic() + 300
     checkpoints = store / "checkpoints"
     while not (checkpoints.is_dir() and list(checkpoints.glob("*.pt"))):  # interrupt once training is under way

@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from datadiet_nb import presets
 from datadiet_nb.experiment import load_dataset
 from datadiet_nb.store import Store
 from datadiet_nb.sweep import jobs, run_sweep
-from helpers import DIVERGE_IN_EVERY_PROCESS, assert_same_study, predictions_by_key, study_toml
+from helpers import DIVERGE_IN_EVERY_PROCESS, assert_same_study, interruptible, predictions_by_key, study_toml
 from slurm_cluster import PARTITION, missing_tools, single_node_slurm
 
 # Long enough (30 passes, a checkpoint after each) that a kill can land mid-run; seconds on a CPU.
@@ -29,9 +30,22 @@ STUDY = study_toml(epochs=30)
 WAIT_LIMIT_S = 300
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_job():
+    """Every process of this module trains on one torch thread, as a Ray task or Slurm job of one CPU does: on
+    some CPUs (AMD EPYC here) a different thread count changes the last bits of the weights, and each executor
+    must give the inline sweep's study bit for bit."""
+    previous = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[Path, Path]:
-    """(the study's preset file, its store swept inline without interruption)."""
+def study(tmp_path_factory, one_thread_per_job) -> tuple[Path, Path]:
+    """(the study's preset file, its store swept inline without interruption, on one thread)."""
     folder = tmp_path_factory.mktemp("study")
     (folder / "study.toml").write_text(STUDY)
     outcome = run_sweep(presets.get(str(folder / "study.toml")), Store(folder / "reference"), progress=False)
@@ -121,7 +135,8 @@ def test_a_ray_worker_killed_mid_run_is_retried_and_the_run_resumes(study, tmp_p
 def test_a_sweep_interrupted_under_ray_is_finished_inline_redoing_nothing(study, tmp_path):
     preset, reference = study
     store = tmp_path / "runs"
-    process = subprocess.Popen(sweep(preset, store, *RAY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(sweep(preset, store, *RAY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     try:
         wait_for(lambda: len(list((store / "runs").glob("*.json"))) >= 1, "finished run", process)
         process.send_signal(signal.SIGINT)
