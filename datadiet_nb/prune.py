@@ -22,9 +22,14 @@ RULES: dict[str, str | None] = {
 OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched", "forgetting")
 
 
+def round_half_up(count: float) -> int:
+    """A fractional number of examples to a whole one, halves rounded up (not to even, as Python's round)."""
+    return int(math.floor(count + 0.5))
+
+
 def num_kept(num_examples: int, sparsity: float) -> int:
-    """n_keep = round((1 - s) * N), halves rounded up (not to even)."""
-    return int(math.floor((1.0 - sparsity) * num_examples + 0.5))
+    """n_keep = round((1 - s) * N), halves rounded up."""
+    return round_half_up((1.0 - sparsity) * num_examples)
 
 
 def check_sparsity(sparsity: float, offset: float = 0.0) -> None:
@@ -56,7 +61,7 @@ def select_indices(scores, sparsity: float, *, offset: float = 0.0) -> np.ndarra
     n = len(scores)
     order = hardest_first(scores)
     keep = num_kept(n, sparsity)
-    start = min(int(math.floor(offset * n + 0.5)), n - keep)
+    start = min(round_half_up(offset * n), n - keep)
     kept = order[start:start + keep]
     return np.sort(kept).astype(np.int64)
 
@@ -166,7 +171,7 @@ def ccs_bins(scores, beta: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
     round(beta N) examples, halves rounded up as in :func:`num_kept`."""
     scores = np.asarray(scores, dtype=np.float64)
     order = hardest_first(scores)
-    left = np.sort(order[int(math.floor(beta * len(scores) + 0.5)):])
+    left = np.sort(order[round_half_up(beta * len(scores)):])
     low, high = scores[left].min(), scores[left].max()
     width = (high - low) / bins
     which = np.zeros(len(left), dtype=np.int64) if width == 0 else np.minimum(

@@ -344,8 +344,7 @@ def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None =
     labels = labels or {}
 
     def cell(row: pd.Series) -> str:
-        return _cell(row, "difference") + ("" if row["p"] != row["p"] else
-                                           f" p={row['p']:.3f}" if row["p"] >= 0.001 else " p<0.001")
+        return _cell(row, "difference") + ("" if row["p"] != row["p"] else f", {p_value(row['p'])}")
 
     if differences.empty:
         return pd.DataFrame()

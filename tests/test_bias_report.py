@@ -156,6 +156,6 @@ def test_the_differences_table_has_a_row_per_comparison_and_a_column_per_sparsit
     assert table.columns.tolist() == [0.5]
     row = differences.set_index("measure").loc["std"]
     assert table.loc[("EL2N", "Random", "std"), 0.5] == (
-        f"{row['difference']:.3f} [{row['difference_lo']:.3f}, {row['difference_hi']:.3f}] p={row['p']:.3f}")
+        f"{row['difference']:.3f} [{row['difference_lo']:.3f}, {row['difference_hi']:.3f}], p = {row['p']:.3f}")
     tiny = report.differences_table(differences.assign(p=1e-5))
-    assert tiny.iloc[0, 0].endswith(" p<0.001")
+    assert tiny.iloc[0, 0].endswith(", p < 0.001")
