@@ -279,23 +279,38 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (images.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
-    """Reflect-pad, random crop back to size and random horizontal flip, for a whole batch at once.
+def crop_flip_draws(n: int, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
+    """Row offset, column offset and flip (0/1) of :func:`crop_flip` for ``n`` images, as int64 [3, n] on the CPU.
 
-    Random draws come from a CPU ``generator`` so that a seed gives the same augmentation on any device.
+    Drawn from a CPU ``generator``, so a seed gives the same augmentation on any device; a training run draws a
+    whole pass at once and copies it to the device once.
+    """
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = (torch.rand(n, generator=generator) < 0.5).long()
+    return torch.stack([dy, dx, flip])
+
+
+def crop_flip(images: torch.Tensor, draws: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
+    """Reflect-pad, crop back to size at the drawn offsets and flip where drawn, for a whole batch at once.
+
+    ``draws``: :func:`crop_flip_draws` of this batch, on the images' device (no host copy here).
     """
     n, c, h, w = images.shape
     device = images.device
+    dy, dx, flip = draws[0], draws[1], draws[2].bool()
     padded = F.pad(images, (padding,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
     rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
     cols = dx[:, None] + torch.arange(w, device=device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
     batch = torch.arange(n, device=device)[:, None, None, None]
     channel = torch.arange(c, device=device)[None, :, None, None]
     return padded[batch, channel, rows, cols]
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:
+    """:func:`crop_flip` with offsets drawn here from a CPU ``generator`` (for one batch)."""
+    return crop_flip(images, crop_flip_draws(len(images), generator, padding).to(images.device), padding)
 
 
 def batch_indices(n: int, batch_size: int, *, generator: torch.Generator | None = None,

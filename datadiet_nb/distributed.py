@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import presets
+from .backends import configure_determinism
 from .data import Dataset
 from .errors import UserError
 from .experiment import (_read_scores_file, _scoring_run, compute_scores, keep_scoring_run, kept_indices,
@@ -45,6 +46,7 @@ def init(device: str = "auto") -> tuple[Shard, torch.device]:
         raise UserError(f"start this with torchrun, e.g. torchrun --nproc_per_node 2 -m {PROG} ...")
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
+        configure_determinism()
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -16,9 +16,8 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from . import CODE_VERSION, data, models
+from . import CODE_VERSION, data, models, progress as progress_bars
 from .data import Dataset
 from .errors import UserError
 from .metrics import bias_measures, class_accuracy, overall_accuracy
@@ -213,7 +212,7 @@ def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: st
     started = time.perf_counter()
     names = score_array_names(preset)
     per_run: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for seed in tqdm(preset.scoring.seeds, desc="scoring runs", disable=not progress):
+    for seed in progress_bars.iterate(preset.scoring.seeds, enabled=progress, desc="scoring runs"):
         scores = compute_scoring_run(preset, dataset, store, seed, progress=progress)
         for name in names:
             per_run[name].append(scores[name])

@@ -10,8 +10,8 @@ squared gradient norm is computed from them without forming the full per-example
   <U_i^T U_i, g_i^T g_i> over output positions; plus ||sum_positions g_i||^2 for the bias. The one
   with fewer multiply-adds for the layer's shape is used (:func:`choose_conv_rule`): a choice made from
   the shape alone, never from timings, so every process computes the same bits for the same inputs.
-- BatchNorm in eval mode is a fixed per-channel affine map: gamma's gradient is sum_pixels g * x_hat
-  and beta's is sum_pixels g.
+- BatchNorm in eval mode (``SyncBatchNorm`` too: in eval mode it is a plain batch norm) is a fixed
+  per-channel affine map: gamma's gradient is sum_pixels g * x_hat and beta's is sum_pixels g.
 
 The backward pass differentiates the summed loss with respect to the *input* only, so autograd
 skips every weight-gradient kernel.
@@ -23,7 +23,8 @@ every forward (a :class:`~torch.overrides.TorchFunctionMode` sees every op that 
 it must be that layer's convolution / linear / batch-norm call, made while that layer runs, once).
 Anything else (a layer called twice, a weight used outside its layer, an overridden forward, other
 parameterised layers) goes to :func:`vmap_grad_norms`, the ``torch.func`` reference, with a warning.
-Scores are always taken in eval mode: a model handed over in train mode is switched for the call.
+Scores are always taken in eval mode: a model handed over in train mode is switched for the call. A
+``torch.compile``-d model is scored through the module it wraps (the same parameters, run eagerly).
 """
 
 from __future__ import annotations
@@ -43,12 +44,16 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 GRAD_CHUNK_BYTES = 512 * 2**20  # memory allowed for materialised per-example gradients at once (vmap)
-RULE_WORK_BYTES = 64 * 2**20  # temporaries allowed for one conv rule at once: its batch is split to fit
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+# Temporaries allowed for one conv rule at once (its batch is split to fit): small on a CPU, where they stay in
+# cache; large on a GPU, where each split costs kernel launches (to be tuned by benchmarks/gpu_check.py).
+RULE_WORK_BYTES = {"cpu": 64 * 2**20, "cuda": 1024 * 2**20}
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.SyncBatchNorm)
+BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 # The one functional call through which each supported layer's stock forward uses its parameters.
-FUNCTIONAL = {nn.Linear: F.linear, nn.Conv2d: torch.conv2d, nn.BatchNorm2d: F.batch_norm}
+FUNCTIONAL = {nn.Linear: F.linear, nn.Conv2d: torch.conv2d, nn.BatchNorm2d: F.batch_norm, nn.SyncBatchNorm: F.batch_norm}
 # Methods a subclass must not override for the rule to hold (its forward and what that forward calls).
-STOCK_METHODS = {nn.Linear: ("forward",), nn.Conv2d: ("forward", "_conv_forward"), nn.BatchNorm2d: ("forward",)}
+STOCK_METHODS = {nn.Linear: ("forward",), nn.Conv2d: ("forward", "_conv_forward"), nn.BatchNorm2d: ("forward",),
+                 nn.SyncBatchNorm: ("forward",)}
 T = TypeVar("T")
 
 
@@ -70,7 +75,7 @@ def _owner_is_supported(module: nn.Module) -> bool:
     base = rule_type(module)
     if base is nn.Conv2d:
         return module.groups == 1 and module.padding_mode == "zeros"
-    if base is nn.BatchNorm2d:
+    if base in BATCH_NORMS:
         return module.track_running_stats and module.running_mean is not None
     return base is nn.Linear
 
@@ -241,7 +246,8 @@ def _conv_weight_sq_norm(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, ru
     """Squared norm of each example's weight gradient by ``rule``, over chunks of examples whose
     temporaries fit in ``RULE_WORK_BYTES``."""
     elements = _RULE_TEMPORARIES[rule](a.shape[1], g.shape[1], _window_length(module, a, g))
-    chunk = max(1, RULE_WORK_BYTES // (elements * a.element_size()))
+    budget = RULE_WORK_BYTES.get(a.device.type, RULE_WORK_BYTES["cpu"])
+    chunk = max(1, budget // (elements * a.element_size()))
     return torch.cat([CONV_RULES[rule](module, a[i:i + chunk], g[i:i + chunk]) for i in range(0, len(a), chunk)])
 
 
@@ -281,7 +287,7 @@ def _linear_sq_norm(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torc
     return squared
 
 
-RULES = {nn.Linear: _linear_sq_norm, nn.BatchNorm2d: _batchnorm_sq_norm}
+RULES = {nn.Linear: _linear_sq_norm, nn.BatchNorm2d: _batchnorm_sq_norm, nn.SyncBatchNorm: _batchnorm_sq_norm}
 
 
 @dataclass(frozen=True)
@@ -299,8 +305,8 @@ def describe_layer(module: nn.Module, a: torch.Tensor) -> str:
     if isinstance(module, nn.Conv2d):
         kernel = "x".join(map(str, module.kernel_size))
         return f"Conv2d {module.in_channels}->{module.out_channels} {kernel} /{module.stride[0]} on {size}"
-    if isinstance(module, nn.BatchNorm2d):
-        return f"BatchNorm2d {module.num_features} on {size}"
+    if isinstance(module, BATCH_NORMS):
+        return f"{type(module).__name__} {module.num_features} on {size}"
     return f"{type(module).__name__} {module.in_features}->{module.out_features}"
 
 
@@ -327,6 +333,9 @@ def hook_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, conv_
 
     def on_forward(module, args, output):
         a = args[0].detach()
+        if isinstance(module, BATCH_NORMS) and a.ndim != 4:
+            use.problems.append(f"{type(module).__name__} sees a {a.ndim}-D input (its rule is for images)")
+            return
 
         def accumulate(g: torch.Tensor) -> None:  # g: gradient at this output, before any in-place edit of it
             nonlocal squared
@@ -374,9 +383,17 @@ def vmap_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return sum(g.pow(2).flatten(1).sum(1, dtype=torch.float64) for g in grads.values()).sqrt()
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``-d model wraps (the same parameters), else the model itself."""
+    if hasattr(model, "_orig_mod") and isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
+
+
 def per_example_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Exact per-example gradient norms in eval mode: the hook rules when they account for every
     parameter exactly, else torch.func with a warning that says why."""
+    model = uncompiled(model)
     reason = None
     if hook_rules_cover(model):
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import rankdata
 
 WORST_FRACTION = 0.1  # "worst 10 %": the mean over the worst tenth of the classes (at least one class)
 
@@ -51,6 +50,8 @@ def bias_measures(class_acc) -> dict[str, float]:
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman's rho between ``a`` and ``b`` over the last axis (broadcast; ties get average ranks); NaN where
     either is constant."""
+    from scipy.stats import rankdata  # here: a bare GPU worker computing runs needs no scipy
+
     ra, rb = rankdata(a, axis=-1), rankdata(b, axis=-1)
     ra, rb = ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True)
     norm = np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))

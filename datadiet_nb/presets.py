@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,12 +168,25 @@ def get(name: str) -> Preset:
     return PRESETS[name]
 
 
+def _read_toml(text: str) -> dict:
+    """TOML with the standard library (Python >= 3.11) or tomli, imported only when a TOML preset is read."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UserError("a .toml preset needs Python >= 3.11 or `pip install tomli`; a .json preset needs "
+                            "neither") from None
+    return tomllib.loads(text)
+
+
 def load_file(path: Path) -> Preset:
     """A preset from a TOML or JSON file: its keys are Preset fields (tables for recipe/scoring);
     ``base = "<preset>"`` starts from a built-in preset, otherwise ``dataset`` and ``model`` are required."""
     try:
         text = path.read_text()
-        mapping = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        mapping = _read_toml(text) if path.suffix == ".toml" else json.loads(text)
     except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"preset file {path} does not exist") from None
     except (ValueError, UnicodeDecodeError) as error:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import CODE_VERSION, __version__
+from .backends import configure_determinism, settings
 
 
 @lru_cache(maxsize=1)
@@ -45,11 +46,13 @@ def provenance(device: torch.device | str = "cpu") -> dict:
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "device": str(device), "device_name": device_name(device),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "backends": settings(),
     }
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` picks CUDA when available, else CPU; a CUDA device gets the determinism settings before any work."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    if device.type == "cuda":
+        configure_determinism()
+    return device

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import strict_fp32
 from .errors import UserError
 from .grad_norms import per_example_grad_norms
 from .train import Recipe
@@ -74,18 +75,20 @@ class Scoring:
 
 def _batched_eval(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
                   per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply ``per_batch`` to consecutive batches in eval mode, restoring the model's mode after."""
+    """Apply ``per_batch`` to consecutive batches in eval mode and strict float32 (no TF32), restoring the model's
+    mode after; the results are copied to the CPU once, at the end."""
     if len(inputs) != len(targets):
         raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        out = [per_batch(inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)).cpu()
-               for i in range(0, len(inputs), batch_size)]
+        with strict_fp32():
+            out = [per_batch(inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device))
+                   for i in range(0, len(inputs), batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 def el2n_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
 from .experiment import (RunFailed, compute_scores, compute_scoring_run, load_dataset, run_config, scored_dataset,
                          scores_config, scoring_run_key, train_run)
+from . import progress as progress_bars
 from .data import Dataset
 from .presets import DENSE, PAPER_RULES, Preset
 from .prune import RULES
@@ -167,7 +166,7 @@ def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[
     by_key = {job.key: job for job in todo}
     num_scored = scored_dataset(preset, dataset).num_train
     failures: dict[str, str] = {}
-    bar = tqdm(total=len(todo), desc=f"sweep {preset.name}", unit="job", disable=not progress)
+    bar = progress_bars.bar(enabled=progress, total=len(todo), desc=f"sweep {preset.name}", unit="job")
     while todo:
         waiting = []
         for job in todo:

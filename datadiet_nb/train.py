@@ -1,11 +1,14 @@
 """One training run: SGD + Nesterov, an lr schedule per step, a budget rule for subsets, evaluation.
 
-The data stay uint8 on the training device; each batch is normalised (and augmented) there.
-On CUDA the run uses bf16 autocast and channels_last; on CPU it is seeded and deterministic.
+The data stay uint8 on the training device; each batch is normalised (and augmented) there, from a pass's
+order and augmentation offsets drawn at once and copied once (no host sync per step). On CUDA the step runs
+under bf16 autocast, on channels_last, compiled when the recipe asks (:class:`~datadiet_nb.backends.DevicePath`);
+on CPU it is seeded and bit for bit reproducible at equal thread counts.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -20,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
-
-from .data import Dataset, batch_indices, normalize, random_crop_flip
+from . import progress as progress_bars
+from .backends import DevicePath, configure_determinism, strict_fp32
+from .data import Dataset, batch_indices, crop_flip, crop_flip_draws, normalize
 from .errors import UserError
 from .store import atomic_write_bytes
 
@@ -52,7 +55,7 @@ class Recipe:
     budget: str = "steps"  # a pruned subset trains for the full data's "steps" or for the same "epochs"
     augment: bool = True  # reflect-pad 4 + random crop + horizontal flip, on the device
     eval_batch_size: int = 1024
-    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU, where compiling costs more than it saves)
+    compile: bool = False  # torch.compile the training step (the GPU path only: on CPU compiling costs more than it saves)
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -76,10 +79,14 @@ class TrainResult:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     resumes: list[int] = field(default_factory=list)  # the steps at which the run resumed from its checkpoint
+    path: dict = field(default_factory=dict)  # how the step ran (DevicePath: compiled, bf16 autocast, channels_last)
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+CHECKPOINT_KEYS = ("run", "step", "result", "model", "optimizer", "scheduler", "generator", "torch_rng")
 
 
 @dataclass
@@ -94,31 +101,74 @@ class TrainingState:
 
     def save(self, path: Path, step: int, result: TrainResult) -> None:
         buffer = io.BytesIO()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         torch.save({"run": self.run, "step": step, "result": asdict(result), "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}, buffer)
+                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": cuda_rng}, buffer)
         atomic_write_bytes(path, buffer.getvalue())
 
-    def load(self, path: Path, device: torch.device) -> tuple[int, TrainResult]:
-        """Restore from ``path``; a checkpoint that cannot be read or is another run's is set aside: (0, fresh)."""
+    def load(self, path: Path) -> tuple[int, TrainResult]:
+        """Restore from ``path``; a checkpoint that cannot be read or is another run's is set aside: (0, fresh).
+
+        Read onto the CPU (RNG states must stay CPU byte tensors; the model and optimiser copy their tensors to
+        their own device) and checked whole before anything is restored; should restoring still fail, every
+        part is put back as it was, so a run either resumes entirely or starts afresh untouched.
+        """
         try:
-            saved = torch.load(path, map_location=device, weights_only=True)
-            if saved["run"] != self.run:
-                raise ValueError(f"it belongs to another run ({saved['run']})")
-            self.model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            self.generator.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])
-        except Exception as error:  # truncated, edited, or from an incompatible version
-            target = path.with_name(path.name + ".unusable")
-            os.replace(path, target)
-            log.warning("checkpoint %s cannot be resumed (%s); moved to %s, starting the run afresh",
-                        path, error, target.name)
-            return 0, TrainResult(steps=0, epochs=0.0)
-        result = TrainResult(**saved["result"])
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            check_checkpoint(saved, self)
+        except Exception as error:  # truncated, edited, another run's, or from an incompatible version
+            return self._set_aside(path, error)
+        before = self._snapshot()
+        try:
+            self._restore(saved)
+            result = TrainResult(**saved["result"])
+        except Exception as error:
+            self._restore(before)
+            return self._set_aside(path, error)
         result.resumes.append(saved["step"])
         return saved["step"], result
+
+    def _snapshot(self) -> dict:
+        return {"model": copy.deepcopy(self.model.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+    def _restore(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+    @staticmethod
+    def _set_aside(path: Path, error: Exception) -> tuple[int, TrainResult]:
+        target = path.with_name(path.name + ".unusable")
+        os.replace(path, target)
+        log.warning("checkpoint %s cannot be resumed (%s); moved to %s, starting the run afresh", path, error, target.name)
+        return 0, TrainResult(steps=0, epochs=0.0)
+
+
+def check_checkpoint(saved: dict, state: TrainingState) -> None:
+    """Raise ValueError unless ``saved`` is a complete checkpoint of ``state``'s run that fits its model."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in saved]
+    if missing:
+        raise ValueError(f"it lacks {missing}")
+    if saved["run"] != state.run:
+        raise ValueError(f"it belongs to another run ({saved['run']})")
+    expected = {name: tuple(t.shape) for name, t in state.model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in saved["model"].items()}
+    if found != expected:
+        raise ValueError("its weights do not fit this model")
+    for name in ("generator", "torch_rng"):
+        if not (isinstance(saved[name], torch.Tensor) and saved[name].dtype == torch.uint8 and saved[name].device.type == "cpu"):
+            raise ValueError(f"its {name} state is not a CPU byte tensor")
+    if not set(TrainResult.__dataclass_fields__) >= set(saved["result"]):
+        raise ValueError("its result has unknown fields")
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -170,24 +220,33 @@ class Shard:
 AUGMENT_SEED_STRIDE = 1 << 20  # rank r of a distributed run augments with seed + r * this: other draws per rank
 
 
-def epoch_batches(num: int, batch_size: int, generator: torch.Generator, shard: Shard | None,
-                  epoch: int, seed: int) -> Iterator[torch.Tensor]:
-    """Index batches of one pass over ``range(num)``, the last incomplete batch dropped.
+def epoch_order(num: int, batch_size: int, generator: torch.Generator, shard: Shard | None,
+                epoch: int, seed: int) -> tuple[torch.Tensor, int]:
+    """One pass over ``range(num)``: the example order cut to whole batches, and the batch size.
 
     One process: a permutation drawn from the run's generator. A shard of a distributed run: its
     disjoint part of that pass (``DistributedSampler``, reshuffled per epoch with ``set_epoch``), in
     batches of ``batch_size / world_size``, so the global batch and the lr schedule stay the recipe's.
     """
     if shard is None:
-        yield from batch_indices(num, batch_size, generator=generator, drop_last=True)
-        return
-    sampler = DistributedSampler(range(num), num_replicas=shard.world_size, rank=shard.rank, shuffle=True,
-                                 seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    order = torch.tensor(list(sampler), dtype=torch.int64)
-    local = max(1, batch_size // shard.world_size)
-    for start in range(0, len(order) - len(order) % local, local):
-        yield order[start:start + local]
+        order, local = torch.randperm(num, generator=generator), batch_size
+    else:
+        sampler = DistributedSampler(range(num), num_replicas=shard.world_size, rank=shard.rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order, local = torch.tensor(list(sampler), dtype=torch.int64), max(1, batch_size // shard.world_size)
+    if len(order) < local:  # fewer examples than a batch: one short batch (as a batch of all of them)
+        return order, len(order)
+    return order[:len(order) - len(order) % local], local
+
+
+def epoch_plan(order: torch.Tensor, generator: torch.Generator, augment: bool, device: torch.device) -> torch.Tensor:
+    """A pass's order and, with ``augment``, its crop/flip draws, as one int64 [1 or 4, n] tensor on ``device``,
+    copied there once (from pinned memory, without blocking, on CUDA)."""
+    plan = torch.cat([order[None], crop_flip_draws(len(order), generator)]) if augment else order[None]
+    if device.type == "cuda":
+        return plan.pin_memory().to(device, non_blocking=True)
+    return plan.to(device)
 
 
 def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indices: torch.Tensor | None = None,
@@ -209,7 +268,9 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
     """
     recipe.validate()
     device = torch.device(device)
-    cuda = device.type == "cuda"
+    if device.type == "cuda":
+        configure_determinism()
+    path = DevicePath.of(device, recipe.compile)
     indices = torch.arange(dataset.num_train) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
     images = dataset.train_images[indices].to(device)
     labels = dataset.train_labels[indices].to(device)
@@ -220,13 +281,15 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
                  steps_per_epoch(len(indices) // shard.world_size, max(1, recipe.batch_size // shard.world_size)))
     last_step = run_steps(recipe, len(indices), dataset.num_train, stop_epoch)
 
-    model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
+    model.to(device, memory_format=path.memory_format).train()
     optimizer = torch.optim.SGD(parameter_groups(model, recipe), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(recipe, s, total))
-    forward = torch.compile(model) if recipe.compile and cuda else model
-    if shard is not None:
-        forward = DistributedDataParallel(forward, device_ids=[device] if cuda else None)
+    forward = model
+    if shard is not None:  # DDP outside compile, so that its all-reduce overlaps the compiled backward
+        forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if path.compile:  # one batch size throughout (the last short batch is dropped): one graph
+        forward = torch.compile(forward)
     generator = torch.Generator().manual_seed(seed + (shard.rank * AUGMENT_SEED_STRIDE if shard else 0))
 
     run = {"seed": seed, "steps": last_step, "examples": len(indices)}
@@ -235,23 +298,25 @@ def train(model: nn.Module, dataset: Dataset, recipe: Recipe, *, seed: int, indi
     state = TrainingState(model, optimizer, scheduler, generator, run=run)
     result, step = TrainResult(steps=0, epochs=0.0), 0
     if checkpoint is not None and checkpoint.is_file():
-        step, result = state.load(checkpoint, device)
+        step, result = state.load(checkpoint)
+    result.path = path.describe()
     every = checkpoint_every or max(1, round(math.ceil(last_step / per_epoch) / CHECKPOINTS_PER_RUN))
     started = time.perf_counter() - result.seconds
-    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not progress, leave=False)
+    bar = progress_bars.bar(enabled=progress, total=last_step, initial=step, desc="train", unit="step", leave=False)
     while step < last_step:
         loss_sum = torch.zeros((), device=device)
         batches = 0
-        for batch in epoch_batches(len(indices), recipe.batch_size, generator, shard, len(result.epoch_losses), seed):
+        order, local = epoch_order(len(indices), recipe.batch_size, generator, shard, len(result.epoch_losses), seed)
+        plan = epoch_plan(order, generator, recipe.augment, device)
+        for start in range(0, len(order), local):
             if step >= last_step:
                 break
-            batch = batch.to(device)
+            batch = plan[0, start:start + local]
             x = normalize(images[batch], mean, std)
             if recipe.augment:
-                x = random_crop_flip(x, generator)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                x = crop_flip(x, plan[1:, start:start + local])
+            x = x.contiguous(memory_format=path.memory_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.autocast):
                 loss = F.cross_entropy(forward(x), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,15 +350,18 @@ def predict(model: nn.Module, images: torch.Tensor, dataset: Dataset, *, batch_s
             device: torch.device | str = "cpu") -> torch.Tensor:
     """Predicted class of every image (uint8, normalised with the dataset's constants), in order, eval mode.
 
-    Always float32 (no autocast, also on CUDA): a borderline argmax must not flip with the precision.
+    Always strict IEEE float32 (no autocast, no TF32, also on CUDA): a borderline argmax must not flip with the
+    precision.
     """
     device = torch.device(device)
     mean, std = (torch.tensor(v, device=device) for v in (dataset.mean, dataset.std))
     was_training = model.training
     model.to(device).eval()
     predictions = []
-    for batch in batch_indices(len(images), batch_size):
-        x = normalize(images[batch].to(device), mean, std)
-        predictions.append(model(x).float().argmax(1).cpu())
+    with strict_fp32():
+        for batch in batch_indices(len(images), batch_size):
+            x = normalize(images[batch].to(device), mean, std)
+            predictions.append(model(x).float().argmax(1))
+    predictions = [p.cpu() for p in predictions]  # one sync at the end, not one per batch
     model.train(was_training)
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)

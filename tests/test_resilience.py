@@ -191,8 +191,8 @@ def test_a_scoring_run_resumes_from_its_mid_training_checkpoint(scoring_study, t
         if len(saves) == 2:
             raise KeyboardInterrupt  # the first scoring run dies after its epoch-2 checkpoint
 
-    def load(self, path, device):
-        step, result = real_load(self, path, device)
+    def load(self, path):
+        step, result = real_load(self, path)
         resumed_at.append(step)
         return step, result
 

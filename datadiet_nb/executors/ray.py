@@ -12,8 +12,8 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from tqdm import tqdm
 
+from .. import progress as progress_bars
 from ..errors import UserError
 from ..presets import Preset
 from ..store import Store
@@ -109,7 +109,7 @@ def _run_tasks(ray, preset: Preset, store: Store, options: RayOptions, progress:
         ref = task.options(name=job.label).remote(preset, root, store.claim_timeout, job, *needed)
         refs[job.key], label_of[ref] = ref, job.label
     running = list(label_of)
-    bar = tqdm(total=len(running), desc=f"sweep {preset.name} on Ray", unit="job", disable=not progress)
+    bar = progress_bars.bar(enabled=progress, total=len(running), desc=f"sweep {preset.name} on Ray", unit="job")
     while running:
         finished, running = ray.wait(running, num_returns=1)
         for ref in finished:

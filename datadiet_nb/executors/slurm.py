@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tqdm import tqdm
 
+from .. import progress as progress_bars
 from ..errors import UserError
 from ..presets import Preset
 from ..store import Store, read_json, write_json
@@ -169,7 +169,7 @@ def follow(preset: Preset, store: Store, todo: list[Job], slurm_ids: dict[str, s
     """Wait until every submitted job is done or failed in the store, or has left the queue without a result."""
     num_scored = scored_dataset(preset, load_dataset(preset)).num_train
     failures: dict[str, str] = {}
-    bar = tqdm(total=len(todo), desc=f"sweep {preset.name} on Slurm", unit="job", disable=not progress)
+    bar = progress_bars.bar(enabled=progress, total=len(todo), desc=f"sweep {preset.name} on Slurm", unit="job")
     waiting = list(todo)
     while waiting:
         in_queue = queue()  # read before the store: a job absent here and without a result there has ended
