@@ -237,7 +237,8 @@ def _dry_run(preset: Preset, store) -> int:
         print(f"{state:8s} {job.label:28s} {_duration(seconds):>10s}")
     print(f"\n{preset.name}: {todo} jobs to run, about {_duration(total)} on {costs.device} "
           f"(measured: {costs.train_step * 1e3:.1f} ms per training step of {preset.recipe.batch_size}, "
-          f"{costs.score_example * 1e6:.0f} us per scored example, {costs.eval_example * 1e6:.0f} us per test image)")
+          f"{costs.scoring_step * 1e3:.1f} ms per scoring-run step, {costs.score_example * 1e6:.0f} us per scored "
+          f"example, {costs.eval_example * 1e6:.0f} us per test image, {costs.compile_run:.1f} s compiling each run)")
     return 0
 
 

@@ -369,3 +369,104 @@ def test_a_fast_paper_preset_runs_end_to_end_through_the_cli_on_the_gpu_path(nam
                                                                      ("random", 0.5)]
     assert all(r["train"]["path"] == {"compile": True, "autocast": True, "channels_last": True} for r in records)
     assert all(r["model"] == preset.model and r["recipe"]["schedule"] == "onecycle" for r in records)
+
+
+# --- what a GPU worker needs, and how a sweep is priced and packed -------------------------------------------
+
+BARE_WORKER = """
+import torch
+from datadiet_nb import backends, distributed, estimate, experiment, grad_norms, presets, scores, sweep, train
+from datadiet_nb.executors import ray
+from test_fast_presets import random_dataset
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+result = train.train(model, random_dataset(10, 16), train.Recipe(epochs=1, batch_size=8), seed=0)
+print('trained', result.steps)
+"""
+NOT_ON_A_GPU_WORKER = ("tqdm", "scipy", "tomllib", "tomli", "pandas", "matplotlib", "seaborn", "sklearn", "PIL")
+
+
+def test_a_bare_torch_machine_imports_the_package_and_trains(tmp_path):
+    """A GPU worker may have torch and numpy only: tqdm, scipy and tomllib are imported where they are used."""
+    import subprocess
+    import sys
+
+    for name in NOT_ON_A_GPU_WORKER:  # found first on the path, and failing to import as a missing module does
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ModuleNotFoundError('No module named {name}')\n")
+    tests = Path(__file__).parent
+    env = {"PYTHONPATH": f"{tmp_path}:{tests.parent}:{tests}", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", BARE_WORKER], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained 2" in done.stdout
+
+
+def test_a_toml_preset_without_tomllib_is_refused_in_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    from datadiet_nb.errors import UserError
+
+    real_import = builtins.__import__
+
+    def no_toml(name, *args, **kwargs):
+        if name in ("tomllib", "tomli"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    path = tmp_path / "mine.toml"
+    path.write_text('base = "digits"\n')
+    monkeypatch.setattr(builtins, "__import__", no_toml)
+    with pytest.raises(UserError, match="needs Python >= 3.11 or `pip install tomli`"):
+        presets.load_file(path)
+
+
+def test_the_estimate_prices_scoring_steps_at_the_scoring_recipe_and_each_runs_compilation():
+    from datadiet_nb.estimate import Costs, job_seconds
+    from datadiet_nb.sweep import jobs
+
+    preset = presets.get("cifar10-resnet18-fast")
+    dataset = random_dataset(10, 50_000)
+    costs = Costs("gpu", train_step=0.01, score_example=1e-5, eval_example=1e-6, scoring_step=0.02,
+                  compile_run=30.0, compile_scoring=0.0)
+    by_kind = {}
+    for job in jobs(preset, dataset):
+        by_kind.setdefault(job.kind, job)
+    scoring = job_seconds(preset, dataset, by_kind["scoring-run"], costs)
+    steps = 20 * (50_000 // 128)  # the paper's scoring: epoch 20 of batch 128
+    assert scoring == pytest.approx(steps * 0.02 + 50_000 * 1e-5)
+    run = next(j for j in jobs(preset, dataset) if j.kind == "run" and j.spec.sparsity == 0)
+    assert job_seconds(preset, dataset, run, costs) == pytest.approx(30.0 + 40 * (50_000 // 512) * 0.01 + len(dataset.test_labels) * 1e-6)
+
+
+def test_measure_times_a_compiling_recipe_its_compilation_apart(gpu_path):
+    from datadiet_nb.estimate import measure
+
+    preset = _tiny_preset("cifar10-resnet18-fast")
+    preset = dataclasses.replace(preset, recipe=dataclasses.replace(preset.recipe, batch_size=BATCH))
+    costs = measure(preset, random_dataset(10, 4 * BATCH))
+    assert costs.compile_run > 0 and costs.compile_scoring == 0  # the paper's scoring recipe runs eagerly
+    assert costs.train_step > 0 and costs.scoring_step > 0 and costs.scoring_step != costs.train_step
+
+
+@pytest.mark.parametrize("available, gpus, cpus, expected", [
+    ({"GPU": 1, "CPU": 16}, 0.25, 1, 4),   # four to a GPU
+    ({"GPU": 8, "CPU": 16}, 0.25, 1, 16),  # the CPUs bind before the GPUs
+    ({"GPU": 2, "CPU": 16}, 1, 2, 2),
+    ({"GPU": 0, "CPU": 6}, 0, 1.5, 4),
+    ({"GPU": 1, "CPU": 16}, 1 / 3, 1, 3),  # a third each: three, not two for the rounding
+])
+def test_ray_packs_jobs_by_their_gpu_and_cpu_shares(available, gpus, cpus, expected):
+    from datadiet_nb.executors.ray import jobs_at_once
+
+    assert jobs_at_once(available, gpus, cpus) == expected
+
+
+def test_a_ray_job_granted_no_gpu_runs_on_the_cpu():
+    from datadiet_nb.errors import UserError
+    from datadiet_nb.executors.ray import RayOptions, gpus_per_job, job_preset
+
+    preset = presets.get("cifar10-resnet18-fast")
+    assert gpus_per_job({"GPU": 0, "CPU": 4}, preset, RayOptions()) == 0
+    assert job_preset(preset, 0).device == "cpu" and job_preset(preset, 0.5).device == "auto"
+    assert gpus_per_job({"GPU": 2, "CPU": 4}, preset, RayOptions()) == 1
+    with pytest.raises(UserError, match="--gpus-per-job 2 but the Ray cluster has 1 GPUs"):
+        gpus_per_job({"GPU": 1, "CPU": 4}, preset, RayOptions(gpus_per_job=2))

@@ -8,7 +8,9 @@ resumes the job from its checkpoint (or finds its record). Ray does not isolate 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import socket
 from dataclasses import dataclass
 
@@ -85,8 +87,9 @@ def run(preset: Preset, store: Store, options: RayOptions, *, progress: bool = T
         ray.shutdown()  # a local instance stops; a cluster is only disconnected from
 
 
-def _gpus_per_job(ray, preset: Preset, options: RayOptions) -> float:
-    available = ray.cluster_resources()
+def gpus_per_job(available: dict, preset: Preset, options: RayOptions) -> float:
+    """The GPUs each task asks Ray for, given the cluster's resources: the option, else 1 where the cluster has
+    GPUs and the preset does not ask for the CPU, else 0; refused in one line where no node could grant it."""
     gpus = options.gpus_per_job
     if gpus is None:
         gpus = 1.0 if available.get("GPU", 0) >= 1 and preset.device != "cpu" else 0.0
@@ -98,15 +101,34 @@ def _gpus_per_job(ray, preset: Preset, options: RayOptions) -> float:
     return gpus
 
 
+def jobs_at_once(available: dict, gpus: float, cpus: float) -> int:
+    """How many tasks the cluster runs at the same time: as many as its GPUs and its CPUs both allow
+    (``gpus=0.25``: four to a GPU). Counted over the cluster's totals; Ray packs per node, so a task that
+    needs more than one node has free runs fewer."""
+    by_cpu = math.floor(available.get("CPU", 0) / cpus + 1e-9)
+    return min(by_cpu, math.floor(available.get("GPU", 0) / gpus + 1e-9)) if gpus else by_cpu
+
+
+def job_preset(preset: Preset, gpus: float) -> Preset:
+    """The preset a task runs: on the CPU when it was granted no GPU (Ray leaves a task without GPUs the whole
+    CUDA_VISIBLE_DEVICES of its node, so ``auto`` would take a GPU another task holds). The device is not part of
+    any store key, so the results are found alike."""
+    return dataclasses.replace(preset, device="cpu") if gpus == 0 and preset.device == "auto" else preset
+
+
 def _run_tasks(ray, preset: Preset, store: Store, options: RayOptions, progress: bool) -> dict[str, str]:
-    gpus = _gpus_per_job(ray, preset, options)
+    available = ray.cluster_resources()
+    gpus = gpus_per_job(available, preset, options)
+    log.info("Ray runs %d jobs at once (%g GPUs and %g CPUs each)", jobs_at_once(available, gpus, options.cpus_per_job),
+             gpus, options.cpus_per_job)
     task = ray.remote(num_cpus=options.cpus_per_job, num_gpus=gpus, max_retries=TASK_RETRIES,
                       retry_exceptions=False)(run_remote_job)
+    runs_as = job_preset(preset, gpus)
     root = str(store.root.resolve())
     refs, label_of, failures = {}, {}, {}
     for job in pending(preset, load_dataset(preset), store):
         needed = [refs[key] for key in job.needs if key in refs]  # Ray starts the task once these are done
-        ref = task.options(name=job.label).remote(preset, root, store.claim_timeout, job, *needed)
+        ref = task.options(name=job.label).remote(runs_as, root, store.claim_timeout, job, *needed)
         refs[job.key], label_of[ref] = ref, job.label
     running = list(label_of)
     bar = progress_bars.bar(enabled=progress, total=len(running), desc=f"sweep {preset.name} on Ray", unit="job")
