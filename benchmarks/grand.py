@@ -8,7 +8,8 @@ BatchL2Grad when it is installed, (e) ours (datadiet_nb.grad_norms.hook_grad_nor
 runs in its own process so that its peak memory is its own: on CPU the growth of peak RSS over the
 process's RSS once the model and batch exist (the peak counter is reset there), on CUDA max allocated
 over allocated. Prints a table and writes grand.json next to this file. Times are medians of --repeats
-after a warm-up. --profile adds, for ours, the time per layer shape and the conv rule it chose.
+after a warm-up. Every method runs in strict IEEE float32 (``backends.strict_fp32``, as scoring does), so
+that on a GPU no method is timed with TF32 convolutions against another without. --profile adds, for ours, the time per layer shape and the conv rule it chose.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from common import describe_machine, pick_device, seconds_of, write_json
 
 from datadiet_nb import models
+from datadiet_nb.backends import strict_fp32
 from datadiet_nb.grad_norms import LayerTime, hook_grad_norms, vmap_grad_norms
 
 NUM_CLASSES = 10
@@ -105,15 +107,16 @@ def measure(method: str, width: int, batch: int, repeats: int, device: str, prof
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     fn = METHODS[method]
     base = _memory_baseline(device)  # model and batch exist; everything the method allocates comes after
-    try:
-        fn(model, x, y)  # warm-up (and the import, for BackPACK)
-    except ImportError:
-        queue.put(None)
-        return
-    times = []
-    for _ in range(repeats):
-        model.zero_grad(set_to_none=True)
-        times.append(seconds_of(lambda: fn(model, x, y), device))
+    with strict_fp32():
+        try:
+            fn(model, x, y)  # warm-up (and the import, for BackPACK)
+        except ImportError:
+            queue.put(None)
+            return
+        times = []
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            times.append(seconds_of(lambda: fn(model, x, y), device))
     result = {"seconds": statistics.median(times), "peak_bytes": _peak(device) - base}
     if profile and method == OURS:
         result["profile"] = layer_profile(model, x, y, repeats)

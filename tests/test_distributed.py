@@ -83,3 +83,15 @@ def test_sync_batchnorm_on_cpus_is_refused_in_one_line(tmp_path, capsys):
     assert line == ("datadiet-nb: error: --sync-batchnorm needs GPUs; on CPUs each rank normalises with its own "
                     "batch's statistics")
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_nproc_2_on_the_gpu_path_compiles_the_ddp_model(tmp_path, monkeypatch):
+    """DDP on the path a GPU takes (bf16 autocast, channels_last, torch.compile of the DDP-wrapped model, so its
+    all-reduce can overlap the compiled backward), on gloo ranks."""
+    monkeypatch.setenv("DATADIET_GPU_PATH_ON_CPU", "1")
+    store = tmp_path / "runs"
+    assert main(["train", "--nproc", "2", "--store", str(store), "--quiet", *TINY, "--set", "recipe.compile=true",
+                 "--sparsity", "0"]) == 0
+    [ddp] = [json.loads(p.read_text()) for p in (store / "runs").glob("*.json")]
+    assert ddp["train"]["path"] == {"compile": True, "autocast": True, "channels_last": True}
+    assert ddp["distributed"]["world_size"] == 2 and ddp["overall_accuracy"] > 0.5  # it learned, 10 classes
