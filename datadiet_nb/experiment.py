@@ -319,13 +319,16 @@ def _scoring_run(preset: Preset, dataset: Dataset, store: Store, run_key: str, s
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    inputs = data.normalize(dataset.train_images, torch.tensor(dataset.mean), torch.tensor(dataset.std))
+    # the un-augmented training set, normalised once on the device that scores it (no copy per batch)
+    inputs = data.normalize(dataset.train_images.to(device), torch.tensor(dataset.mean, device=device),
+                            torch.tensor(dataset.std, device=device))
+    labels = dataset.train_labels.to(device)
     writes = shard is None or shard.rank == 0
 
     def take(epoch: int) -> None:
         path = _epoch_file(store, run_key, epoch)
         if epoch in wanted and _read_scores_file(path, wanted[epoch], dataset.num_train) is None:
-            arrays = {name: measure(EPOCH_FUNCTIONS[name.partition("_at")[0]], model, inputs, dataset.train_labels,
+            arrays = {name: measure(EPOCH_FUNCTIONS[name.partition("_at")[0]], model, inputs, labels,
                                     batch_size=preset.scoring.batch_size) for name in wanted[epoch]}
             if writes:
                 write_arrays(path, **arrays)
