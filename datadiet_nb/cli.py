@@ -248,10 +248,11 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .executors.slurm import annotate
     from .sweep import status
 
     store = _store(args, writing=False)
-    states = status(_preset(args), store)
+    states = annotate(store, status(_preset(args), store))
     counts = {}
     for job, state, detail in states:
         counts[state] = counts.get(state, 0) + 1

@@ -134,16 +134,6 @@ def grand_last_layer_scores(model: nn.Module, inputs: torch.Tensor, targets: tor
         hook.remove()
 
 
-def rank_agreement(scores: dict[str, "np.ndarray"]) -> dict[str, float]:
-    """Spearman rank correlations: EL2N vs GraNd (means over runs), and the mean between pairs of runs."""
-    from .stability import mean_pairwise_spearman, spearman
-
-    agreement = {"el2n_vs_grand": spearman(scores["el2n"], scores["grand"])}
-    for name in SCORES:
-        agreement[f"{name}_across_runs"] = mean_pairwise_spearman(scores[f"{name}_runs"])
-    return agreement
-
-
 SCORE_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"el2n": el2n_scores, "grand": grand_scores}
 
 

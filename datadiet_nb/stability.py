@@ -16,6 +16,7 @@ from scipy.stats import spearmanr
 
 from . import stats
 from .prune import class_keep_ratio, select_indices
+from .scores import SCORES, grand_scores
 
 AGREEMENT_DRAWS = 20  # random subsets of k runs averaged per point of the K-vs-agreement curve
 AGREEMENT_SEED = 0
@@ -93,6 +94,13 @@ def grand_at_init_vs_input_norm(model: torch.nn.Module, inputs: torch.Tensor, ta
     At initialisation the logits barely depend on the label, so GraNd mostly follows how large the input
     is; a high value here says GraNd@0 ranks inputs by size, not by difficulty.
     """
-    from .scores import grand_scores
     norms = inputs.flatten(1).norm(dim=1).numpy()
     return spearman(grand_scores(model, inputs, targets).numpy(), norms)
+
+
+def rank_agreement(scores: dict[str, "np.ndarray"]) -> dict[str, float]:
+    """Spearman rank correlations: EL2N vs GraNd (means over runs), and the mean between pairs of runs."""
+    agreement = {"el2n_vs_grand": spearman(scores["el2n"], scores["grand"])}
+    for name in SCORES:
+        agreement[f"{name}_across_runs"] = mean_pairwise_spearman(scores[f"{name}_runs"])
+    return agreement

@@ -118,21 +118,11 @@ def job_state(store: Store, job: Job, num_scored: int) -> tuple[str, str]:
 
 
 def status(preset: Preset, store: Store) -> list[tuple[Job, str, str]]:
-    """Every job of the preset with its state and detail (and, for a job submitted to Slurm, its Slurm job)."""
-    from .executors import slurm
-
+    """Every job of the preset with its state and detail, from the store (an executor may add to the detail:
+    :func:`datadiet_nb.executors.slurm.annotate`)."""
     dataset = load_dataset(preset)
     num_scored = scored_dataset(preset, dataset).num_train
-    states = [(job, *job_state(store, job, num_scored)) for job in jobs(preset, dataset)]
-    if not slurm.jobs_file(store).is_file():
-        return states
-    try:
-        in_queue = slurm.queue()
-    except UserError as error:  # the controller is down or this is another machine: say so, show the store
-        log.warning("%s", error)
-        in_queue = {}
-    return [(job, state, detail if state == "done" else " ".join(filter(None, [
-        detail, slurm.describe(store, job.key, in_queue)]))) for job, state, detail in states]
+    return [(job, *job_state(store, job, num_scored)) for job in jobs(preset, dataset)]
 
 
 def pending(preset: Preset, dataset: Dataset, store: Store) -> list[Job]:
@@ -268,6 +258,9 @@ def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_fail
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "python3"
+# The kernel's own log at ERROR: at WARNING, ipykernel prints "Kernel is running over TCP without encryption" for
+# every notebook of a sweep (into its progress bar). The kernel runs on this machine's loopback, for this user.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 TITLES = {"analysis": "Results: {preset}", "scores": "Scores: {preset}",
           "bias": "What drives class-wise bias: {preset}"}
 
@@ -286,7 +279,8 @@ def execute_notebook(name: str, output: Path, parameters: dict, *, scratch: Path
     partial = scratch / f"{output.stem}.{os.getpid()}.partial.ipynb"
     try:
         notebook = papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
-                                              kernel_name=KERNEL, progress_bar=False, cwd=os.getcwd())
+                                              kernel_name=KERNEL, progress_bar=False, cwd=os.getcwd(),
+                                              extra_arguments=KERNEL_ARGUMENTS)
     finally:
         partial.unlink(missing_ok=True)
     for cell in notebook.cells:

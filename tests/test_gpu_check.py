@@ -109,7 +109,7 @@ def test_a_failing_stage_is_named_and_the_next_one_still_runs(tmp_path, mode, st
 
 def test_a_hung_stage_is_stopped_by_its_watchdog_with_its_stack(tmp_path):
     out = tmp_path / "out"
-    done = run_check("--out", str(out), "--only", "grand", "--fail-stage", "grand:hang", "--budget", "25")
+    done = run_check("--out", str(out), "--only", "grand", "--fail-stage", "grand:hang", "--budget", "22")
     assert done.returncode == gpu_check.EXIT_FAILED
     assert status_rows(done.stdout)["grand"].startswith("HUNG: stopped by its watchdog")
     log = (out / "grand.log").read_text()

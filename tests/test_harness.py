@@ -29,3 +29,14 @@ def test_notebooks_write_into_a_scratch_folder_and_keep_their_cell_order(pyteste
         order = [re.search(r"(first|second)\W.*Cell (\d+) PASSED", line).groups()
                  for line in result.outlines if "Cell" in line and "PASSED" in line]
         assert order == [(n, str(i)) for n in ("first", "second") for i in range(3)]
+
+
+def test_a_notebook_run_prints_no_kernel_warning(tmp_path, capfd):
+    """ipykernel warns on every start that it runs over TCP unencrypted; a sweep of 50 notebooks printed it 50 times."""
+    from datadiet_nb.sweep import execute_notebook
+
+    output = tmp_path / "out.ipynb"
+    execute_notebook("reproducibility", output, {"store": str(tmp_path / "store")}, scratch=tmp_path / "scratch")
+    assert output.is_file()
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.err + captured.out

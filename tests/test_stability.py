@@ -56,7 +56,7 @@ def test_grand_at_init_vs_input_norm_is_high_for_a_linear_model_at_init():
 
 def test_rank_agreement_on_hand_made_rankings():
     """rho = 1 - 6 sum d^2 / (n (n^2 - 1)) with n = 5 (denominator 120), computed by hand for each pair."""
-    from datadiet_nb.scores import rank_agreement
+    from datadiet_nb.stability import rank_agreement
 
     scores = {"el2n": np.array([1.0, 2, 3, 4, 5]), "grand": np.array([0.1, 0.3, 0.2, 0.5, 0.4]),  # d^2 = 4: 0.8
               "el2n_runs": np.array([[1.0, 2, 3, 4, 5], [1, 2, 3, 5, 4], [2, 1, 3, 4, 5]]),  # 0.9, 0.9, 0.8

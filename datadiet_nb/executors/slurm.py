@@ -204,3 +204,17 @@ def describe(store: Store, key: str, in_queue: dict[str, str]) -> str:
         return ""
     slurm_id = submitted["slurm_id"]
     return f"slurm {slurm_id} {in_queue.get(slurm_id, 'gone from the queue')}"
+
+
+def annotate(store: Store, states: list[tuple[Job, str, str]]) -> list[tuple[Job, str, str]]:
+    """:func:`~datadiet_nb.sweep.status` with, for each job not done that was submitted from this store, its Slurm
+    job and state (``slurm <id> <STATE>``); unchanged when nothing was submitted to Slurm from it."""
+    if not jobs_file(store).is_file():
+        return states
+    try:
+        in_queue = queue()
+    except UserError as error:  # the controller is down or this is another machine: say so, show the store
+        log.warning("%s", error)
+        in_queue = {}
+    return [(job, state, detail if state == "done" else " ".join(filter(None, [
+        detail, describe(store, job.key, in_queue)]))) for job, state, detail in states]
