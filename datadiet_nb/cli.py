@@ -156,7 +156,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .report import score_labels, summary_table
     from .results import format_table, keep_ratio_table, load_results
     from .store import check_writable
-    from .sweep import execute_chapters, run_sweep, run_sweep_notebooks, sweep_with
+    from .executors.notebooks import execute_chapters, run_sweep_notebooks
+    from .sweep import run_sweep, sweep_with
 
     preset = _preset(args)
     if args.dry_run:
@@ -195,7 +196,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _chapters(text: str | None) -> list[str]:
-    from .sweep import CHAPTERS
+    from .executors.notebooks import CHAPTERS
     chapters = [name.strip() for name in (text or "").split(",") if name.strip()]
     unknown = [name for name in chapters if name not in CHAPTERS]
     if unknown:

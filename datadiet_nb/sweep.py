@@ -2,7 +2,7 @@
 
 The jobs are the K scoring runs, their averaging into the preset's scores, and the training runs
 (those that prune by a score need the scores). This module runs them in this process (``inline``)
-or as papermill notebooks; :mod:`.executors` hands them to Ray or Slurm. Any number of sweeps, on
+(:mod:`.executors` runs them as papermill notebooks, Ray tasks or a Slurm array). Any number of sweeps, on
 any executors, may share one store: each job is computed under a claim (see :mod:`.claims`), a
 sweep skips jobs that another process is computing and comes back for them, so the work is split
 and nothing runs twice. A killed sweep, run again, finds its finished jobs stored and resumes the
@@ -12,20 +12,18 @@ unfinished ones from their checkpoints.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from .experiment import (RunFailed, compute_scores, compute_scoring_run, load_dataset, run_config, scored_dataset,
                          scores_config, scoring_run_key, train_run)
 from . import progress as progress_bars
 from .data import Dataset
-from .presets import DENSE, PAPER_RULES, Preset
+from .presets import DENSE, Preset
 from .prune import RULES
 from .errors import UserError
-from .store import WAIT_POLL_S, Store, atomic_write_bytes, config_key
+from .store import WAIT_POLL_S, Store, config_key
 
 log = logging.getLogger("datadiet_nb")
 
@@ -254,118 +252,3 @@ def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_fail
 
     failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=progress)
     return collect(preset, dataset, store, failures)
-
-
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-KERNEL = "python3"
-# The kernel's own log at ERROR: at WARNING, ipykernel prints "Kernel is running over TCP without encryption" for
-# every notebook of a sweep (into its progress bar). The kernel runs on this machine's loopback, for this user.
-KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
-TITLES = {"analysis": "Results: {preset}", "scores": "Scores: {preset}",
-          "bias": "What drives class-wise bias: {preset}"}
-
-
-def execute_notebook(name: str, output: Path, parameters: dict, *, scratch: Path, title: str | None = None) -> None:
-    """Run ``notebooks/<name>.ipynb`` with papermill; the executed copy appears at ``output`` only when done.
-
-    Papermill writes the notebook as it runs into ``scratch`` (outside the book). In the copy, the
-    parameter cells are tagged for removal from the book and ``title`` (if given) replaces the
-    first heading, so that each preset's chapter is named after it.
-    """
-    import nbformat
-    import papermill
-
-    scratch.mkdir(parents=True, exist_ok=True)
-    partial = scratch / f"{output.stem}.{os.getpid()}.partial.ipynb"
-    try:
-        notebook = papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(partial), parameters=parameters,
-                                              kernel_name=KERNEL, progress_bar=False, cwd=os.getcwd(),
-                                              extra_arguments=KERNEL_ARGUMENTS)
-    finally:
-        partial.unlink(missing_ok=True)
-    for cell in notebook.cells:
-        tags = cell.metadata.setdefault("tags", [])
-        if {"parameters", "injected-parameters"} & set(tags):
-            tags.append("remove-cell")
-    if title:
-        first = next(c for c in notebook.cells if c.cell_type == "markdown")
-        first.source = "\n".join([f"# {title}", *first.source.splitlines()[1:]])
-    atomic_write_bytes(output, nbformat.writes(notebook).encode())
-
-
-def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book_runs: Path,
-                        *, progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
-    """The sweep as executed notebooks under ``book_runs/<preset>/``: scores, one per run, then analysis.
-
-    A job whose result and executed notebook both exist is skipped, so a rerun does only what is missing.
-    """
-    from papermill.exceptions import PapermillExecutionError
-
-    dataset = load_dataset(preset)
-    folder = Path(book_runs) / preset.name
-    scratch = store.checkpoint_path("notebooks")
-    common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
-
-    def notebook(job: Job) -> Path | None:
-        if job.kind == "scoring-run":
-            return None  # computed by the scores notebook, which shows all K runs
-        return folder / "scores.ipynb" if job.kind == "scores" else folder / "train" / f"{job.spec.label}.ipynb"
-
-    def execute(job: Job) -> bool:
-        if job.kind == "scoring-run":
-            run_job(preset, dataset, store, job, progress=progress)
-            return True
-        # The job itself is claimed inside the notebook's kernel; this claim stops a second sweep from
-        # starting a kernel for the same job in the seconds before that.
-        launch = store.try_claim(f"{job.key}-notebook")
-        if launch is None:
-            return False
-        with launch:
-            run_notebook(job)
-        return True
-
-    def run_notebook(job: Job) -> None:
-        name, parameters = "scores", common
-        if job.spec is not None:
-            name = "train_sparse"
-            parameters = {**common, "score": job.spec.score, "sparsity": job.spec.sparsity, "seed": job.spec.seed}
-        try:
-            execute_notebook(name, notebook(job), parameters, scratch=scratch,
-                             title=TITLES.get(name, "").format(preset=preset.name) or None)
-        except PapermillExecutionError as error:
-            if error.ename == "UserError":
-                raise UserError(error.evalue) from None
-            if error.ename == "RunFailed":
-                raise RunFailed(error.evalue) from None
-            raise
-
-    if retry_failed:
-        clear_failures(preset, dataset, store)
-    failures = _schedule(preset, dataset, store, execute, progress=progress,
-                         extra_done=lambda job: notebook(job) is None or notebook(job).is_file())
-    outcome = collect(preset, dataset, store, failures)
-    execute_chapters(preset, overrides, store, book_runs, default_chapters(preset))
-    return outcome
-
-
-CHAPTERS = ("analysis", "bias", "reproducibility")
-
-
-def default_chapters(preset: Preset) -> list[str]:
-    """The chapters a notebooks sweep executes: the results, the bias chapter when the preset compares rules
-    beyond the paper's, and the reproducibility appendix (of the whole store)."""
-    return ["analysis", *(["bias"] if set(preset.scores) - set(PAPER_RULES) else []), "reproducibility"]
-
-
-def execute_chapters(preset: Preset, overrides: list[str], store: Store, book_runs: Path, chapters: list[str]) -> None:
-    """Execute the book's chapter notebooks of a preset (``analysis``, ``bias``) into ``book_runs/<preset>/``, and
-    ``reproducibility`` into ``book_runs/``, from the runs in the store (a missing run is run in the kernel)."""
-    folder = Path(book_runs) / preset.name
-    common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
-    for name in chapters:
-        if name == "reproducibility":
-            path, parameters = Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]}
-        else:
-            path, parameters = folder / f"{name}.ipynb", {**common, "figures": str((folder / "figures").resolve())}
-        execute_notebook(name, path, parameters, scratch=store.checkpoint_path("notebooks"),
-                         title=TITLES.get(name, "").format(preset=preset.name) or None)

@@ -33,7 +33,7 @@ def test_notebooks_write_into_a_scratch_folder_and_keep_their_cell_order(pyteste
 
 def test_a_notebook_run_prints_no_kernel_warning(tmp_path, capfd):
     """ipykernel warns on every start that it runs over TCP unencrypted; a sweep of 50 notebooks printed it 50 times."""
-    from datadiet_nb.sweep import execute_notebook
+    from datadiet_nb.executors.notebooks import execute_notebook
 
     output = tmp_path / "out.ipynb"
     execute_notebook("reproducibility", output, {"store": str(tmp_path / "store")}, scratch=tmp_path / "scratch")
