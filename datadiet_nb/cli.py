@@ -169,10 +169,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         check_writable(Path(args.book_runs))
     started = time.perf_counter()
     if args.executor == "inline":
-        outcome = run_sweep(preset, store, progress=not args.quiet, retry_failed=args.retry_failed)
+        outcome = run_sweep(preset, store, progress=not args.quiet, retry_failed=args.retry_failed,
+                            workers=args.workers or 1)
     elif args.executor == "notebooks":
         outcome = run_sweep_notebooks(preset, list(args.set or []), store, Path(args.book_runs),
-                                      progress=not args.quiet, retry_failed=args.retry_failed)
+                                      progress=not args.quiet, retry_failed=args.retry_failed, workers=args.workers)
     else:
         outcome = sweep_with(lambda: run_elsewhere(store), preset, store, retry_failed=args.retry_failed)
         if args.executor == "slurm" and not args.wait:
@@ -193,6 +194,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {label}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
         return 1
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text!r}")
+    return value
 
 
 def _chapters(text: str | None) -> list[str]:
@@ -354,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--slurm-max-parallel", type=int, default=64,
                        help="at most this many jobs of an array run at once (default: 64)")
     scale.add_argument("--wait", action="store_true", help="with slurm: follow the jobs until all have finished")
+    sweep.add_argument("--workers", type=_positive_int, help="jobs at once on this machine, each with a share of "
+                       "the cores: notebook kernels (default: one per core, one on a GPU) or, inline, worker "
+                       "processes (default: 1, this process)")
     sweep.add_argument("--book-runs", default="book/runs", help="where executed notebooks go (default: book/runs)")
     sweep.add_argument("--chapters", help="with an executor other than notebooks: also execute these chapter "
                                           "notebooks into --book-runs (analysis, bias, reproducibility; comma-separated)")

@@ -12,7 +12,9 @@ unfinished ones from their checkpoints.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -141,13 +143,30 @@ def collect(preset: Preset, dataset: Dataset, store: Store, failures: dict[str, 
     return SweepOutcome(records, failed)
 
 
-def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[[Job], bool], *,
-              extra_done: Callable[[Job], bool], progress: bool) -> dict[str, str]:
-    """Run every job that is not done, in this process, skipping (and coming back for) those another process holds.
+def default_workers(preset: Preset) -> int:
+    """How many jobs a sweep runs at once on this machine: one per core on a CPU, one on a GPU (jobs would
+    share it)."""
+    import torch
 
-    ``execute`` computes one job (in this process or in a notebook), or returns False when another
-    process is already on it; ``extra_done`` says whether the executor's own output for a stored job
-    exists too (its executed notebook). A failed job is reported and the others go on; a user error
+    on_gpu = preset.device.startswith("cuda") or (preset.device == "auto" and torch.cuda.is_available())
+    return 1 if on_gpu else max(1, os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of ``workers`` jobs running at once: a share of the cores each (not all of them
+    each, which would make the jobs fight over the cores)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[[Job], bool], *,
+              extra_done: Callable[[Job], bool], progress: bool, workers: int = 1) -> dict[str, str]:
+    """Run every job that is not done, ``workers`` at a time, skipping (and coming back for) those another
+    process holds.
+
+    ``execute`` computes one job (in this process, in a worker process or in a notebook), or returns False
+    when another process is already on it; with ``workers`` > 1 it is called from that many threads at once.
+    ``extra_done`` says whether the executor's own output for a stored job exists too (its executed notebook).
+    A job starts once the jobs it needs are done. A failed job is reported and the others go on; a user error
     (e.g. a full disk) stops the sweep. Returns the failures, by job label.
     """
     todo = jobs(preset, dataset)
@@ -155,27 +174,53 @@ def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[
     num_scored = scored_dataset(preset, dataset).num_train
     failures: dict[str, str] = {}
     bar = progress_bars.bar(enabled=progress, total=len(todo), desc=f"sweep {preset.name}", unit="job")
-    while todo:
-        waiting = []
-        for job in todo:
-            state, detail = job_state(store, job, num_scored)
-            needed = [job_state(store, by_key[k], num_scored)[0] for k in job.needs] if state != "done" else []
-            if state == "failed" or "failed" in needed:
-                failures[job.label] = detail or "a job it needs failed"
-            elif state == "running" or "running" in needed:
-                waiting.append(job)  # another process holds it (or a job it needs): come back later
-                continue
-            elif state == "missing" or not extra_done(job):
-                bar.set_postfix_str(job.label)
-                if not _execute(execute, job, failures):
-                    waiting.append(job)
-                    continue
+    running: dict[Future, Job] = {}
+    threads = ThreadPoolExecutor(workers, thread_name_prefix="sweep-job") if workers > 1 else None
+
+    def finished(job: Job, started: bool) -> None:
+        if started:
             bar.update()
-        if waiting and len(waiting) == len(todo):
-            bar.set_postfix_str(f"waiting for {len(waiting)} jobs held by other processes")
-            time.sleep(WAIT_POLL_S)
-        todo = waiting
-    bar.close()
+        else:
+            todo.append(job)  # another process took it first: come back for it
+
+    try:
+        while todo or running:
+            waiting, held, in_flight = [], 0, {job.key for job in running.values()}
+            for job in todo:
+                if len(running) >= workers or job.key in in_flight or in_flight & set(job.needs):
+                    waiting.append(job)  # no free worker, or a job it needs is running here: later
+                    continue
+                state, detail = job_state(store, job, num_scored)
+                needed = [job_state(store, by_key[k], num_scored)[0] for k in job.needs] if state != "done" else []
+                if state == "failed" or "failed" in needed:
+                    failures[job.label] = detail or "a job it needs failed"
+                elif state == "running" or "running" in needed:
+                    waiting.append(job)  # another process holds it (or a job it needs): come back later
+                    held += 1
+                    continue
+                elif state == "missing" or not extra_done(job):
+                    bar.set_postfix_str(job.label)
+                    if threads is None:
+                        if not _execute(execute, job, failures):
+                            waiting.append(job)
+                            held += 1
+                            continue
+                    else:
+                        running[threads.submit(_execute, execute, job, failures)] = job
+                        continue
+                bar.update()
+            todo = waiting
+            if running:
+                done, _ = wait(running, timeout=WAIT_POLL_S if held else None, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finished(running.pop(future), future.result())  # a user error raised in a worker ends here
+            elif todo and held == len(todo):
+                bar.set_postfix_str(f"waiting for {len(todo)} jobs held by other processes")
+                time.sleep(WAIT_POLL_S)
+    finally:
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
+        bar.close()
     return failures
 
 
@@ -240,15 +285,47 @@ def sweep_with(run: Callable[[], dict[str, str]], preset: Preset, store: Store, 
     return collect(preset, dataset, store, run())
 
 
-def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
-    """Run the whole grid in this process; stored runs are skipped, so this also just collects a finished sweep."""
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(preset: Preset, store_root: str, claim_timeout: float | None, job: Job) -> bool:
+    run_job(preset, _dataset_of(preset), Store(store_root, claim_timeout=claim_timeout), job)
+    return True
+
+
+def run_sweep(preset: Preset, store: Store, *, progress: bool = True, retry_failed: bool = False,
+              workers: int = 1) -> SweepOutcome:
+    """Run the whole grid on this machine: in this process, or with ``workers`` > 1 in that many worker processes
+    (each with a share of the cores, :func:`threads_per_worker`); stored runs are skipped, so this also just
+    collects a finished sweep."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     dataset = load_dataset(preset)
     if retry_failed:
         clear_failures(preset, dataset, store)
+    if workers <= 1:
+        def execute(job: Job) -> bool:
+            run_job(preset, dataset, store, job, progress=progress and job.kind != "run")
+            return True
 
-    def execute(job: Job) -> bool:
-        run_job(preset, dataset, store, job, progress=progress and job.kind != "run")
-        return True
-
-    failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=progress)
+        failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=progress)
+        return collect(preset, dataset, store, failures)
+    # spawned, not forked: a fork of a process whose torch has started its thread pool can hang
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(threads_per_worker(workers),))
+    try:
+        failures = _schedule(preset, dataset, store,
+                             lambda job: pool.submit(_run_in_worker, preset, str(store.root), store.claim_timeout,
+                                                     job).result(),
+                             extra_done=lambda job: True, progress=progress, workers=workers)
+    except BaseException:
+        for process in list(getattr(pool, "_processes", {}).values()):  # a job may run for hours: do not wait
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return collect(preset, dataset, store, failures)

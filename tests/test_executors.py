@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from datadiet_nb import presets
+from datadiet_nb.cli import main
 from datadiet_nb.experiment import load_dataset
 from datadiet_nb.store import Store
 from datadiet_nb.sweep import jobs, run_sweep
@@ -186,14 +187,38 @@ def _closed_port() -> int:
     (["--executor", "ray", "--gpus-per-job", "1.5"], "--gpus-per-job above 1 must be a whole number of GPUs, got 1.5"),
     (["--executor", "ray", "--cpus-per-job", "0"], "--cpus-per-job must be > 0, got 0"),
     (["--executor", "slurm"], "--executor slurm needs"),
+    (["--executor", "inline", "--workers", "0"], "argument --workers: must be a whole number > 0, got '0'"),
+    (["--workers", "two"], "argument --workers: must be a whole number > 0, got 'two'"),
 ])
-def test_bad_executor_options_get_one_line_and_exit_2_leaving_the_store_untouched(study, tmp_path, options, message):
+def test_bad_executor_options_get_one_line_and_exit_2_leaving_the_store_untouched(study, tmp_path, capsys, options,
+                                                                                  message):
+    """In this process (the command's own process, its traceback-free exit, is tested in test_cli); the
+    unreachable Ray cluster in a process of its own, so that this one's Ray stays uninitialised."""
     store = tmp_path / "runs"
-    result = subprocess.run(sweep(study[0], store, *options), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    [line] = result.stderr.strip().splitlines()
+    argv = sweep(study[0], store, *options)
+    if "--ray-address" in options:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        status, stderr = result.returncode, result.stderr
+    else:
+        try:
+            status = main(argv[3:])
+        except SystemExit as exit:
+            status = exit.code
+        stderr = capsys.readouterr().err
+    assert status == 2, stderr
+    [line] = stderr.strip().splitlines()
     assert message in line
     assert not store.exists()
+
+
+def test_an_inline_sweep_on_two_worker_processes_gives_the_one_process_study(study, tmp_path, monkeypatch):
+    """Two worker processes of one torch thread each (the share of 2 cores, as the reference's one thread)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    store = tmp_path / "workers"
+    outcome = run_sweep(presets.get(str(study[0])), Store(store), progress=False, workers=2)
+    assert not outcome.failures and len(outcome.records) == 4
+    assert {record["provenance"]["torch_threads"] for record in outcome.records} == {1}
+    assert_same_study(store, study[1])
 
 
 # --- Slurm ---------------------------------------------------------------------------------------

@@ -1,16 +1,17 @@
-"""The notebook executor's warm kernel: each notebook sees a fresh kernel's state, records equal a fresh kernel's
-bit for bit (same torch threads), the outputs too apart from timings, and a notebook that kills its kernel costs
-only itself."""
+"""The notebook executor's warm kernels: each notebook sees a fresh kernel's state, records of notebooks run at
+once on a pool of kernels equal a fresh kernel's bit for bit (same torch threads), the outputs too apart from
+timings, and a notebook that kills its kernel costs only itself."""
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from datadiet_nb.executors.notebooks import WarmKernel, execute_notebook
+from datadiet_nb.executors.notebooks import KernelPool, WarmKernel, execute_notebook
 from datadiet_nb.experiment import compute_scores, load_dataset
 from datadiet_nb.store import Store
 
@@ -82,8 +83,9 @@ def comparable(record: dict) -> dict:
     return record
 
 
-def test_run_notebooks_in_a_warm_kernel_record_what_fresh_kernels_record(tmp_path):
-    """The same run notebooks, fresh in one store and warm, in the reverse order, in another: equal records."""
+def test_run_notebooks_on_a_pool_of_warm_kernels_record_what_fresh_kernels_record(tmp_path, monkeypatch):
+    """The same run notebooks, fresh one after another in one store, and in the reverse order two at a time on a
+    pool of two warm kernels in another: equal records (one torch thread in every kernel)."""
     from datadiet_nb import presets
 
     preset = presets.with_overrides(presets.get("digits"), OVERRIDES)
@@ -100,12 +102,17 @@ def test_run_notebooks_in_a_warm_kernel_record_what_fresh_kernels_record(tmp_pat
             execute_notebook("train_sparse", tmp_path / f"{name}-{score}-{sparsity}-{seed}.ipynb", parameters,
                              scratch=tmp_path / "scratch", kernel=kernel)
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what a pool kernel of one thread starts with
     run("fresh", RUNS)
-    with WarmKernel() as kernel:
-        run("warm", RUNS[::-1], kernel)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with KernelPool(2, threads=1) as pool, ThreadPoolExecutor(2) as threads:
+        for done in [threads.submit(run, "warm", [job], pool) for job in RUNS[::-1]]:
+            done.result()
+        assert all(kernel.used == 1 for kernel in pool.kernels)  # the two ran on two kernels
     records = {name: {p.name: comparable(json.loads(p.read_text())) for p in (root / "runs").glob("*.json")}
                for name, root in stores.items()}
     assert len(records["fresh"]) == len(RUNS) and records["warm"] == records["fresh"]
+    assert {record["provenance"]["torch_threads"] for record in records["warm"].values()} == {1}
     for score, sparsity, seed in RUNS:
         outputs = [[cell.get("outputs") for cell in nbformat.read(tmp_path / f"{name}-{score}-{sparsity}-{seed}.ipynb",
                                                                    4).cells if cell.cell_type == "code"]

@@ -1,22 +1,28 @@
-"""Sweep jobs as executed notebooks (papermill), in one Jupyter kernel kept warm for the whole sweep.
+"""Sweep jobs as executed notebooks (papermill), on a pool of Jupyter kernels kept warm for the whole sweep.
 
 Each run notebook is stored under ``book/runs/`` for the book. Starting a kernel and importing torch, pandas and
-matplotlib in it costs about ten seconds, ten times a digits job; so a sweep starts one :class:`WarmKernel` and
-runs every notebook in it, after putting the kernel back into the state it had when fresh (see
-:data:`RESET`). A notebook that fails, or kills its kernel, gets a new kernel for the next one.
+matplotlib in it costs a few seconds, more than a digits job; so a sweep starts a :class:`KernelPool` (one
+:class:`WarmKernel` per worker, each with a share of the cores) and runs every notebook in one of them, after
+putting that kernel back into the state it had when fresh (see :data:`RESET`). A notebook that fails, or kills
+its kernel, gets a new kernel for the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import UserError
 from ..experiment import RunFailed
 from ..presets import PAPER_RULES, Preset
 from ..store import Store, atomic_write_bytes
-from ..sweep import Job, SweepOutcome, _schedule, clear_failures, collect, load_dataset, run_job
+from ..sweep import (Job, SweepOutcome, _schedule, clear_failures, collect, default_workers, load_dataset, run_job,
+                     threads_per_worker)
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 KERNEL = "python3"
@@ -32,10 +38,13 @@ STARTUP_TIMEOUT_S = 120
 RESTART_EVERY = 25  # notebooks a kernel runs before a new one replaces it (what leaks past the reset stays small)
 # Run once in a new kernel: the libraries every notebook imports, imported once, then what a fresh kernel's state
 # is, kept where the reset finds it (a module, which IPython's reset does not clear). The package itself is not
-# imported here: the reset removes its modules, so each notebook imports it afresh.
+# imported here: the reset removes its modules, so each notebook imports it afresh. Last, the libraries' objects
+# are frozen out of the garbage collector's reach (gc.freeze): IPython's reset runs a full collection, which over
+# torch, pandas and matplotlib's millions of objects took 0.14 s per notebook; the frozen objects live as long as
+# the kernel anyway, and what the notebooks create is collected as before.
 SNAPSHOT = """
-import logging, os, random, sys, warnings
-import numpy, torch, pandas, matplotlib, matplotlib.pyplot, seaborn, scipy.stats
+import gc, logging, os, random, sys, warnings
+import numpy, torch, pandas, matplotlib, matplotlib.pyplot, seaborn, scipy.stats, sklearn.datasets
 matplotlib.pyplot.close(matplotlib.pyplot.figure())  # the inline backend sets itself up (interactive) at a first figure
 _fresh = type(sys)("_datadiet_fresh")
 _fresh.state = dict(env=dict(os.environ), cwd=os.getcwd(), path=list(sys.path), filters=list(warnings.filters),
@@ -47,14 +56,15 @@ _fresh.state = dict(env=dict(os.environ), cwd=os.getcwd(), path=list(sys.path), 
                            torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
 sys.modules["_datadiet_fresh"] = _fresh
 del _fresh
+gc.collect(); gc.freeze()
 """
 # Run before each notebook: the variables gone, the package's modules unloaded, every process-wide setting a
 # notebook can change (environment, working folder, sys.path, warning filters, loggers, torch threads and
 # precision, the torch, numpy and Python random states, matplotlib's settings and figures) as when fresh, and a
-# new history session (its cell counter at 1, as IPython's own reset with a new session does).
+# new history session (its cell counter at 1, as IPython's own reset with a new session does), which also
+# clears the variables of the last notebook and of this code.
 # tests/test_notebook_executor.py checks each, and that records equal a fresh kernel's.
 RESET = """
-get_ipython().reset(new_session=True)
 import logging, os, random, sys, warnings
 import numpy, torch, matplotlib, matplotlib.pyplot
 _state = sys.modules["_datadiet_fresh"].state
@@ -81,8 +91,9 @@ get_ipython().reset(new_session=True)
 class WarmKernel:
     """One Jupyter kernel for many notebooks, each run in the state a fresh kernel has (:data:`RESET`)."""
 
-    def __init__(self, restart_every: int = RESTART_EVERY):
+    def __init__(self, restart_every: int = RESTART_EVERY, *, threads: int | None = None):
         self.restart_every = restart_every
+        self.threads = threads  # torch (and OpenMP) threads of the kernel; None: the library's default
         self.km = self.kc = None
         self.used = 0
 
@@ -99,8 +110,9 @@ class WarmKernel:
         from jupyter_client import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}))
         self.km = AsyncKernelManager(kernel_name=KERNEL)
-        run_sync(self.km.start_kernel)(extra_arguments=KERNEL_ARGUMENTS, cwd=os.getcwd())
+        run_sync(self.km.start_kernel)(extra_arguments=KERNEL_ARGUMENTS, cwd=os.getcwd(), env=env)
         self.kc = self.km.blocking_client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=STARTUP_TIMEOUT_S)
@@ -140,8 +152,35 @@ class WarmKernel:
             self.stop()  # whatever the failed notebook left (or a dead kernel) is not carried into the next one
             raise
 
+
+class KernelPool:
+    """``size`` warm kernels, each with ``threads`` threads, for notebooks run from that many threads at once;
+    a kernel starts at its first notebook."""
+
+    def __init__(self, size: int, threads: int | None = None):
+        self.size = size
+        self.idle: queue.SimpleQueue[WarmKernel] = queue.SimpleQueue()
+        self.kernels = [WarmKernel(threads=threads) for _ in range(size)]
+        for kernel in self.kernels:
+            self.idle.put(kernel)
+
+    def __enter__(self) -> "KernelPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for kernel in self.kernels:
+            kernel.stop()
+
+    def run(self, execute: Callable[[dict], object]) -> object:
+        """:meth:`WarmKernel.run` on an idle kernel (waiting for one)."""
+        kernel = self.idle.get()
+        try:
+            return kernel.run(execute)
+        finally:
+            self.idle.put(kernel)
+
 def execute_notebook(name: str | Path, output: Path, parameters: dict, *, scratch: Path, title: str | None = None,
-                     kernel: WarmKernel | None = None) -> None:
+                     kernel: WarmKernel | KernelPool | None = None) -> None:
     """Run ``notebooks/<name>.ipynb`` (or the notebook at a path) with papermill, in ``kernel`` (else a kernel of
     its own); the executed copy appears at ``output`` only when done.
 
@@ -153,7 +192,7 @@ def execute_notebook(name: str | Path, output: Path, parameters: dict, *, scratc
     import papermill
 
     scratch.mkdir(parents=True, exist_ok=True)
-    partial = scratch / f"{output.stem}.{os.getpid()}.partial.ipynb"
+    partial = scratch / f"{output.stem}.{os.getpid()}.{threading.get_ident()}.partial.ipynb"
     source = name if isinstance(name, Path) else NOTEBOOKS / f"{name}.ipynb"
 
     def execute(kernel_options: dict):
@@ -174,18 +213,38 @@ def execute_notebook(name: str | Path, output: Path, parameters: dict, *, scratc
     atomic_write_bytes(output, nbformat.writes(notebook).encode())
 
 
-def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book_runs: Path,
-                        *, progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
-    """The sweep as executed notebooks under ``book_runs/<preset>/``: scores, one per run, then analysis.
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """This process's torch threads set to ``threads`` for the block (the scoring runs of a sweep run here, beside
+    the kernels)."""
+    import torch
 
-    A job whose result and executed notebook both exist is skipped, so a rerun does only what is missing.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book_runs: Path,
+                        *, progress: bool = True, retry_failed: bool = False,
+                        workers: int | None = None) -> SweepOutcome:
+    """The sweep as executed notebooks under ``book_runs/<preset>/``: scores, one per run, then analysis, run on
+    ``workers`` kernels at once (default: :func:`~datadiet_nb.sweep.default_workers`).
+
+    A job whose result and executed notebook both exist is skipped, so a rerun does only what is missing. The
+    scoring runs have no notebook (the scores notebook shows them all): they run in this process, one at a time
+    (each seeds torch's global generator to draw its model).
     """
     from papermill.exceptions import PapermillExecutionError
 
+    workers = workers or default_workers(preset)
     dataset = load_dataset(preset)
     folder = Path(book_runs) / preset.name
     scratch = store.checkpoint_path("notebooks")
     common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
+    here = threading.Lock()
 
     def notebook(job: Job) -> Path | None:
         if job.kind == "scoring-run":
@@ -194,7 +253,8 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
 
     def execute(job: Job) -> bool:
         if job.kind == "scoring-run":
-            run_job(preset, dataset, store, job, progress=progress)
+            with here:
+                run_job(preset, dataset, store, job, progress=progress and workers == 1)
             return True
         # The job itself is claimed inside the notebook's kernel; this claim stops a second sweep from
         # starting a kernel for the same job in the seconds before that.
@@ -212,7 +272,7 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
             parameters = {**common, "score": job.spec.score, "sparsity": job.spec.sparsity, "seed": job.spec.seed}
         try:
             execute_notebook(name, notebook(job), parameters, scratch=scratch,
-                             title=TITLES.get(name, "").format(preset=preset.name) or None, kernel=kernel)
+                             title=TITLES.get(name, "").format(preset=preset.name) or None, kernel=kernels)
         except PapermillExecutionError as error:
             if error.ename == "UserError":
                 raise UserError(error.evalue) from None
@@ -222,11 +282,12 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
 
     if retry_failed:
         clear_failures(preset, dataset, store)
-    with WarmKernel() as kernel:
-        failures = _schedule(preset, dataset, store, execute, progress=progress,
+    threads = threads_per_worker(workers)
+    with KernelPool(workers, threads) as kernels, torch_threads(threads):
+        failures = _schedule(preset, dataset, store, execute, progress=progress, workers=workers,
                              extra_done=lambda job: notebook(job) is None or notebook(job).is_file())
         outcome = collect(preset, dataset, store, failures)
-        execute_chapters(preset, overrides, store, book_runs, default_chapters(preset), kernel=kernel)
+        execute_chapters(preset, overrides, store, book_runs, default_chapters(preset), kernel=kernels)
     return outcome
 
 
@@ -240,19 +301,26 @@ def default_chapters(preset: Preset) -> list[str]:
 
 
 def execute_chapters(preset: Preset, overrides: list[str], store: Store, book_runs: Path, chapters: list[str],
-                     *, kernel: WarmKernel | None = None) -> None:
+                     *, kernel: WarmKernel | KernelPool | None = None) -> None:
     """Execute the book's chapter notebooks of a preset (``analysis``, ``bias``) into ``book_runs/<preset>/``, and
     ``reproducibility`` into ``book_runs/``, from the runs in the store (a missing run is run in the kernel), in
-    ``kernel`` or a warm kernel of their own."""
+    ``kernel`` (a pool runs them at once) or a pool of their own."""
     if kernel is None:
-        with WarmKernel() as own:
+        size = max(1, min(len(chapters), default_workers(preset)))
+        with KernelPool(size, threads_per_worker(size)) as own:
             return execute_chapters(preset, overrides, store, book_runs, chapters, kernel=own)
     folder = Path(book_runs) / preset.name
     common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
-    for name in chapters:
+
+    def chapter(name: str) -> None:
         if name == "reproducibility":
             path, parameters = Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]}
         else:
             path, parameters = folder / f"{name}.ipynb", {**common, "figures": str((folder / "figures").resolve())}
         execute_notebook(name, path, parameters, scratch=store.checkpoint_path("notebooks"),
                          title=TITLES.get(name, "").format(preset=preset.name) or None, kernel=kernel)
+
+    workers = kernel.size if isinstance(kernel, KernelPool) else 1
+    with ThreadPoolExecutor(workers, thread_name_prefix="chapter") as threads:
+        for done in [threads.submit(chapter, name) for name in chapters]:
+            done.result()

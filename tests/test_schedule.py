@@ -1,0 +1,55 @@
+"""The sweep's scheduler with several workers: never more jobs at once than workers, every job once, and each only
+once the jobs it needs are done. The jobs here only mark themselves done in the store; what they compute is
+tested with every executor elsewhere."""
+
+import threading
+import time
+
+import numpy as np
+
+from datadiet_nb import presets
+from datadiet_nb.experiment import load_dataset, scored_dataset
+from datadiet_nb.store import Store
+from datadiet_nb.sweep import _schedule, job_state, jobs
+
+WORKERS = 3
+JOB_S = 0.2  # long enough that the first jobs are all still running when the next are handed out
+
+
+def mark_done(store: Store, job, num_scored: int) -> None:
+    if job.kind == "scoring-run":
+        path = store.checkpoint_path(f"{job.key}.scores.npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    elif job.kind == "scores":
+        store.save_scores(job.key, {}, {"el2n": np.zeros(num_scored), "grand": np.zeros(num_scored)})
+    else:
+        store.save_run(job.key, {"key": job.key}, np.arange(3))
+
+
+def test_jobs_run_at_most_workers_at_once_each_once_after_the_jobs_they_need(tmp_path):
+    preset = presets.with_overrides(presets.get("digits"), ["sparsities=0,0.5", "seeds=0,1", "scoring.num_runs=3"])
+    dataset = load_dataset(preset)
+    store = Store(tmp_path / "runs")
+    num_scored = scored_dataset(preset, dataset).num_train
+    by_key = {job.key: job for job in jobs(preset, dataset)}
+    lock, started, running, peak = threading.Lock(), [], [0], [0]
+
+    def execute(job) -> bool:  # an assertion failing here is a failure the scheduler reports
+        with lock:
+            assert all(job_state(store, by_key[key], num_scored)[0] == "done" for key in job.needs), job.label
+            started.append(job.key)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(JOB_S)
+        mark_done(store, job, num_scored)
+        with lock:
+            running[0] -= 1
+        return True
+
+    failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=False,
+                         workers=WORKERS)
+    assert failures == {}
+    assert sorted(started) == sorted(by_key)  # each once
+    assert peak[0] == WORKERS
+    assert all(job_state(store, job, num_scored)[0] == "done" for job in by_key.values())
