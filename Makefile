@@ -5,6 +5,8 @@ PRESET ?= digits
 # every pruning rule side by side, for the bias chapter
 BIAS_PRESET ?= digits-bias
 STORE  ?= runs
+# jobs at once (notebook kernels, inline worker processes), each with a share of the cores
+WORKERS ?= $(shell getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 BIN     = $(VENV)/bin
 # torch/torchvision versions that pip here takes from local disk; any release in pyproject's range works
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
@@ -24,8 +26,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 report: install
-	$(BIN)/datadiet-nb sweep --preset $(PRESET) --store $(STORE)
-	$(BIN)/datadiet-nb sweep --preset $(BIAS_PRESET) --store $(STORE) --executor inline --chapters bias,reproducibility
+	$(BIN)/datadiet-nb sweep --preset $(PRESET) --store $(STORE) --workers $(WORKERS)
+	$(BIN)/datadiet-nb sweep --preset $(BIAS_PRESET) --store $(STORE) --executor inline --workers $(WORKERS) \
+		--chapters bias,reproducibility
 	$(BIN)/jupyter-book build . --quiet
 	@echo "report: $(CURDIR)/_build/html/index.html"
 
