@@ -185,9 +185,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{preset.name}: {len(outcome.records)} runs in {store.root} ({time.perf_counter() - started:.1f} s)\n")
     if outcome.records:
         results = load_results(store, keys=[r["key"] for r in outcome.records])
-        print(summary_table(results, score_labels(preset)).to_string())
-        print("\nclass keep ratio:")
-        print(format_table(keep_ratio_table(results)))
+        for size, at_size in results.groupby("train_size"):
+            if preset.train_sizes:
+                print(f"training set: {size:g} examples per class")
+            print(summary_table(at_size, score_labels(preset)).to_string())
+            print("\nclass keep ratio:")
+            print(format_table(keep_ratio_table(at_size)) + "\n")
     if outcome.failures:
         print(f"\n{len(outcome.failures)} jobs failed (rerun with --retry-failed to try them again):", file=sys.stderr)
         for label, message in outcome.failures.items():
@@ -246,7 +249,7 @@ def _dry_run(preset: Preset, store) -> int:
         seconds = job_seconds(preset, dataset, job, costs)
         if state != "done":
             total, todo = total + seconds, todo + 1
-        print(f"{state:8s} {job.label:28s} {_duration(seconds):>10s}")
+        print(f"{state:8s} {job.label:34s} {_duration(seconds):>10s}")
     print(f"\n{preset.name}: {todo} jobs to run, about {_duration(total)} on {costs.device} "
           f"(measured: {costs.train_step * 1e3:.1f} ms per training step of {preset.recipe.batch_size}, "
           f"{costs.scoring_step * 1e3:.1f} ms per scoring-run step, {costs.score_example * 1e6:.0f} us per scored "
@@ -269,7 +272,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for job, state, detail in states:
         counts[state] = counts.get(state, 0) + 1
         if args.verbose or state != "done":
-            print(f"{state:8s} {job.label:28s} {job.key}  {detail}".rstrip())
+            print(f"{state:8s} {job.label:34s} {job.key}  {detail}".rstrip())
     print(f"{args.preset} in {store.root}: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
                                                          ("done", "running", "failed", "missing")))
     return 1 if counts.get("failed") else 0

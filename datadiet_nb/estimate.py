@@ -102,6 +102,8 @@ def job_seconds(preset: Preset, dataset: Dataset, job: Job, costs: Costs) -> flo
         scoring_steps = run_steps(recipe, scored, scored, stop_epoch=preset.scoring.last_epoch)
         trajectory = len(preset.scoring.trajectory) * scored * costs.eval_example  # EL2N: one forward pass
         return costs.compile_scoring + scoring_steps * costs.scoring_step + scored * costs.score_example + trajectory
+    if job.size is not None:  # one training-set size of the grid
+        full = len(dataset.with_train_per_class(job.size).train_labels)
     kept = num_kept(full, job.spec.sparsity)
     steps = run_steps(preset.recipe, kept, full)
     return costs.compile_run + steps * costs.train_step + len(dataset.test_labels) * costs.eval_example

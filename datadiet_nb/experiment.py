@@ -383,6 +383,8 @@ def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, 
         return random_indices(dataset.num_train, sparsity, seed=seed)
     if score in SCORE_FUNCTIONS or score == "forgetting":
         return select_indices(scores, sparsity, offset=preset.offset)
+    if score.endswith("-easy"):
+        return select_indices(scores, sparsity, easiest=True)
     if score.endswith("-balanced"):
         return class_balanced_indices(scores, labels, sparsity, num_classes, seed=seed)
     if score.endswith("-matched"):

@@ -17,6 +17,10 @@ from .train import Recipe
 
 PAPER_RULES = ("el2n", "grand", "random")  # what the paper compares; a preset's default
 PRUNING_SCORES = tuple(RULES)  # every rule a preset may name (see prune.RULES)
+# the rules of the bias chapter: every rule that keeps hard examples or none in particular (not the easy ones)
+BIAS_RULES = tuple(rule for rule in PRUNING_SCORES if not rule.endswith("-easy"))
+# the regime chapter's: keep the hardest, keep the easiest, uniform, and the hard rule's class counts at random
+REGIME_RULES = ("el2n", "el2n-easy", "random", "el2n-matched")
 DENSE = "dense"  # the score label of a sparsity-0 run: every example kept, whatever the score
 PAPER_SPARSITIES = tuple(round(0.1 * i, 1) for i in range(10))
 SHARED_CIFAR10_ZIP = "../shared/data/cifar10.zip"
@@ -37,6 +41,7 @@ class Preset:
     seeds: tuple[int, ...] = (0,)
     offset: float = 0.0
     train_per_class: int | None = None  # class-balanced subset of the training set (first n of each class)
+    train_sizes: tuple[int, ...] = ()  # a grid axis of training-set sizes (per class), instead of train_per_class
     device: str = "auto"
     checkpoint_epochs: int = 0  # save a resumable checkpoint every this many passes (0: about a tenth of a run)
     ccs_beta: float = 0.1  # CCS: the hardest fraction cut before stratified sampling
@@ -65,6 +70,15 @@ class Preset:
             check_sparsity(sparsity, self.offset_at(sparsity))
         if self.train_per_class is not None and self.train_per_class < 1:
             raise UserError(f"train_per_class must be >= 1, got {self.train_per_class}")
+        if self.train_sizes:
+            if self.train_per_class is not None:
+                raise UserError(f"set train_per_class or train_sizes, not both (got {self.train_per_class} and "
+                                f"{','.join(map(str, self.train_sizes))})")
+            if min(self.train_sizes) < 1 or len(set(self.train_sizes)) != len(self.train_sizes):
+                raise UserError(f"train_sizes must be distinct sizes >= 1, got {','.join(map(str, self.train_sizes))}")
+            if not self.scoring.full_train and any(RULES[s] is not None for s in self.scores):
+                raise UserError("train_sizes needs scoring.full_train=true: every size prunes by the same scores "
+                                "of the full training set")
         scoring_epochs = (self.scoring.recipe or self.recipe).epochs
         if "forgetting" in self.scores and self.scoring.epoch_of("forgetting") < 1:
             raise UserError("forgetting events are counted over at least 1 epoch (scoring.epochs.forgetting >= 1)")
@@ -81,6 +95,10 @@ class Preset:
     def offset_at(self, sparsity: float) -> float:
         """The offset a run at ``sparsity`` uses: none for the dense run, which keeps every example."""
         return self.offset if sparsity else 0.0
+
+    def at_size(self, per_class: int) -> "Preset":
+        """The study at one of its training-set sizes: ``per_class`` training examples of each class."""
+        return dataclasses.replace(self, train_per_class=per_class, train_sizes=())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,7 +142,7 @@ DIGITS = Preset(
 )
 # Every pruning rule side by side on digits (the bias chapter). Trimmed to 4 sparsities so that `make report`
 # stays within 10 minutes; forgetting is counted over the whole 15-epoch scoring run.
-DIGITS_BIAS = dataclasses.replace(DIGITS, name="digits-bias", scores=PRUNING_SCORES, sparsities=(0.0, 0.3, 0.5, 0.7),
+DIGITS_BIAS = dataclasses.replace(DIGITS, name="digits-bias", scores=BIAS_RULES, sparsities=(0.0, 0.3, 0.5, 0.7),
                                   scoring=dataclasses.replace(DIGITS.scoring, epochs={"forgetting": 15}))
 
 CIFAR10_CPU = Preset(
@@ -137,17 +155,29 @@ CIFAR10_CPU = Preset(
 # the 50,000 images again, counting each example's predictions after every epoch.
 CIFAR10_CPU_BIAS = dataclasses.replace(
     CIFAR10_CPU, name="cifar10-cpu-bias", sparsities=(0.0, 0.5), seeds=(0, 1, 2, 3, 4),
-    scores=tuple(rule for rule in PRUNING_SCORES if rule != "forgetting"))
+    scores=tuple(rule for rule in BIAS_RULES if rule != "forgetting"))
+# Which examples to keep depends on how many there are (the regime chapter): keep-hard, keep-easy, random and
+# the matched twin at half sparsity, on 100, 300 and 1,000 images per class, 3 seeds, pruned by cifar10-cpu's
+# full-set scores (shared, not recomputed); about an hour on 2 cores (`--dry-run`).
+CIFAR10_CPU_REGIME = dataclasses.replace(
+    CIFAR10_CPU, name="cifar10-cpu-regime", train_per_class=None, train_sizes=(100, 300, 1000), sparsities=(0.0, 0.5),
+    scores=REGIME_RULES)
+# The same on digits, in seconds: the embedded default of the regime chapter.
+DIGITS_REGIME = dataclasses.replace(
+    DIGITS, name="digits-regime", train_sizes=(12, 40, 120), sparsities=(0.0, 0.5), scores=REGIME_RULES,
+    scoring=dataclasses.replace(DIGITS.scoring, full_train=True))
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     DIGITS,
     DIGITS_BIAS,
+    DIGITS_REGIME,
     Preset(name="cifar10-resnet18", dataset="cifar10", model="resnet18", recipe=PAPER_RECIPE, scoring=PAPER_SCORING,
            seeds=(0, 1, 2)),
     Preset(name="cifar100-resnet50", dataset="cifar100", model="resnet50", model_options=RESNET50_OPTIONS,
            recipe=PAPER_RECIPE, scoring=PAPER_SCORING, seeds=(0, 1, 2)),
     CIFAR10_CPU,
     CIFAR10_CPU_BIAS,
+    CIFAR10_CPU_REGIME,
     fast_paper_preset("cifar10-resnet18-fast", "cifar10", "resnet18", epochs=40),
     fast_paper_preset("cifar100-resnet50-fast", "cifar100", "resnet50", epochs=50, model_options=RESNET50_OPTIONS),
 ]}
@@ -275,6 +305,9 @@ def _guess(text: str):
     return text
 
 
+EMPTY_TUPLE_KINDS = {"train_sizes": int, "trajectory": int}  # what an empty tuple field holds, for --set
+
+
 def _parse(text: str, like, key: str):
     """Parse ``text`` into the type of the current value ``like``."""
     try:
@@ -283,7 +316,7 @@ def _parse(text: str, like, key: str):
                 raise ValueError
             return text.lower() in ("true", "1", "yes")
         if isinstance(like, tuple):
-            kind = type(like[0]) if like else float
+            kind = type(like[0]) if like else EMPTY_TUPLE_KINDS.get(key.rpartition(".")[2], float)
             return tuple(_parse(t.strip(), kind(), key) for t in text.split(",") if t.strip())
         if like is None:  # optional int (train_per_class)
             return None if text.lower() in ("none", "") else int(text)

@@ -17,6 +17,7 @@ RULES: dict[str, str | None] = {
     "ccs": "el2n",  # coverage-centric coreset selection over EL2N
     "drop": None, "drop-el2n": "el2n",  # DRoP's error-proportional quotas; within class at random / by EL2N
     "forgetting": "forgetting",  # the most forgotten examples (Toneva et al.)
+    "el2n-easy": "el2n", "grand-easy": "grand",  # the lowest scores: what pays when data is scarce (Sorscher et al.)
 }
 # the rules that rank the whole training set by a score, so that an offset (skip the hardest) applies
 OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched", "forgetting")
@@ -47,10 +48,16 @@ def hardest_first(scores: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(scores)), -scores))  # the last key is the primary one
 
 
-def select_indices(scores, sparsity: float, *, offset: float = 0.0) -> np.ndarray:
-    """Indices (int64, ascending) of the round((1-s)N) highest scores, after skipping the top ``offset`` fraction.
+def easiest_first(scores: np.ndarray) -> np.ndarray:
+    """Positions of ``scores`` from the lowest score to the highest; of equal scores the lower position first."""
+    return np.lexsort((np.arange(len(scores)), scores))
 
-    Ties are broken by index: of equal scores the lower index ranks as harder.
+
+def select_indices(scores, sparsity: float, *, offset: float = 0.0, easiest: bool = False) -> np.ndarray:
+    """Indices (int64, ascending) of the round((1-s)N) highest scores (``easiest``: lowest), after skipping the
+    first ``offset`` fraction of that order.
+
+    Ties are broken by index: of equal scores the lower index comes first in either order.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
@@ -59,7 +66,7 @@ def select_indices(scores, sparsity: float, *, offset: float = 0.0) -> np.ndarra
         raise UserError("scores contain NaN or infinite values")
     check_sparsity(sparsity, offset)
     n = len(scores)
-    order = hardest_first(scores)
+    order = easiest_first(scores) if easiest else hardest_first(scores)
     keep = num_kept(n, sparsity)
     start = min(round_half_up(offset * n), n - keep)
     kept = order[start:start + keep]

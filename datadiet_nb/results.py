@@ -15,11 +15,12 @@ from .errors import UserError
 from .presets import DENSE
 from .store import Store
 
-CONFIG_COLUMNS = ["preset", "dataset", "model", "score", "sparsity", "offset", "seed"]
+CONFIG_COLUMNS = ["preset", "dataset", "model", "train_size", "score", "sparsity", "offset", "seed"]
 
 
 def load_results(store: str | os.PathLike | Store, keys: Iterable[str] | None = None) -> pd.DataFrame:
-    """One row per (run, class): the run's config columns, ``class``, ``class_accuracy``, ``keep_ratio``,
+    """One row per (run, class): the run's config columns (``train_size``: training examples per class before
+    pruning, the mean over classes), ``class``, ``class_accuracy``, ``keep_ratio``,
     ``overall_accuracy``, plus ``class_index``, ``class_std`` (std of the run's class accuracies), ``key``
     and ``correct`` (which of the class's test images the run got right, in test-set order: for the bootstrap).
 
@@ -29,7 +30,7 @@ def load_results(store: str | os.PathLike | Store, keys: Iterable[str] | None = 
     rows = []
     for record in filter(None, records):  # a record found corrupt is moved aside and left out
         run = {"preset": record["preset"], "dataset": record["dataset"]["name"], "model": record["model"],
-               "score": record["score"], "sparsity": record["sparsity"], "offset": record["offset"],
+               "train_size": record["dataset"]["num_train"] / len(record["classes"]), "score": record["score"], "sparsity": record["sparsity"], "offset": record["offset"],
                "seed": record["seed"], "overall_accuracy": record["overall_accuracy"],
                "class_std": record["bias"]["std"], "key": record["key"]}
         labels = np.asarray(record.get("test_labels", []), dtype=np.int64)

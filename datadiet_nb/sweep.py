@@ -1,4 +1,4 @@
-"""The grid of a preset (score x sparsity x seed) as jobs, their state in a store, and running what is missing.
+"""The grid of a preset ([training-set size x] score x sparsity x seed) as jobs, their state in a store, and running what is missing.
 
 The jobs are the K scoring runs, their averaging into the preset's scores, and the training runs
 (those that prune by a score need the scores). This module runs them in this process (``inline``)
@@ -50,6 +50,7 @@ class Job:
     spec: RunSpec | None = None  # a training run's (score, sparsity, seed)
     scoring_seed: int | None = None  # a scoring run's seed
     needs: tuple[str, ...] = ()
+    size: int | None = None  # a training run's training-set size per class, on a preset with train_sizes
 
     @property
     def kind(self) -> str:
@@ -58,7 +59,7 @@ class Job:
     @property
     def label(self) -> str:
         if self.spec:
-            return self.spec.label
+            return self.spec.label if self.size is None else f"n{self.size}-{self.spec.label}"
         return f"scoring-run-seed{self.scoring_seed}" if self.scoring_seed is not None else "scores"
 
 
@@ -80,8 +81,26 @@ def plan(preset: Preset) -> list[RunSpec]:
 
 
 def jobs(preset: Preset, dataset: Dataset) -> list[Job]:
-    """The K scoring runs and their averaging (if any score needs them), then every run; each job after
-    the jobs it needs, so running them in this order never waits."""
+    """The K scoring runs and their averaging (if any score needs them), then every run (of each training-set
+    size, smallest first, when the preset has ``train_sizes``); each job after the jobs it needs, so running them
+    in this order never waits. The sizes share the scores, which cover the full training set."""
+    if not preset.train_sizes:
+        return _grid_jobs(preset, dataset)
+    result: dict[str, Job] = {}
+    for size in sorted(preset.train_sizes):
+        for job in _grid_jobs(*job_context(preset, dataset, size), size=size):
+            result.setdefault(job.key, job)
+    return list(result.values())
+
+
+def job_context(preset: Preset, dataset: Dataset, size: int | None) -> tuple[Preset, Dataset]:
+    """The preset and dataset a job of training-set size ``size`` runs with (None: the preset's own)."""
+    if size is None:
+        return preset, dataset
+    return preset.at_size(size), dataset.with_train_per_class(size)
+
+
+def _grid_jobs(preset: Preset, dataset: Dataset, size: int | None = None) -> list[Job]:
     result: list[Job] = []
     scores_key = config_key(scores_config(preset, dataset))
     if any(RULES[s] is not None for s in preset.scores):
@@ -89,7 +108,7 @@ def jobs(preset: Preset, dataset: Dataset) -> list[Job]:
         result += [*runs, Job(scores_key, needs=tuple(job.key for job in runs))]
     for spec in plan(preset):
         key = config_key(run_config(preset, dataset, spec.score, spec.sparsity, spec.seed))
-        result.append(Job(key, spec, needs=(scores_key,) if RULES.get(spec.score) is not None else ()))
+        result.append(Job(key, spec, needs=(scores_key,) if RULES.get(spec.score) is not None else (), size=size))
     return result
 
 
@@ -251,6 +270,7 @@ def _dataset_of(preset: Preset) -> Dataset:
 
 def run_job(preset: Preset, dataset: Dataset, store: Store, job: Job, *, progress: bool = False) -> None:
     """Compute one job of the sweep in this process: the body every executor runs, wherever it runs it."""
+    preset, dataset = job_context(preset, dataset, job.size)
     if job.kind == "scoring-run":
         compute_scoring_run(preset, dataset, store, job.scoring_seed, progress=progress)
     elif job.kind == "scores":

@@ -36,6 +36,27 @@ def test_ties_are_broken_by_index():
     assert select_indices(np.zeros(6), 0.5).tolist() == [0, 1, 2]
 
 
+def test_easy_selection_keeps_the_lowest_scores_by_hand():
+    scores = np.array([0.1, 0.9, 0.5, 0.7, 0.3])
+    assert select_indices(scores, 0.6, easiest=True).tolist() == [0, 4]  # keep 2: the two lowest
+    assert select_indices(scores, 0.4, easiest=True).tolist() == [0, 2, 4]
+    assert select_indices(scores, 0.0, easiest=True).tolist() == [0, 1, 2, 3, 4]
+    assert select_indices(scores, 0.6, offset=0.2, easiest=True).tolist() == [2, 4]  # skip the easiest one
+
+
+def test_easy_selection_breaks_ties_by_index_and_rounds_like_the_hard_rule():
+    scores = np.array([1.0, 2.0, 2.0, 2.0, 1.0])
+    assert select_indices(scores, 0.8, easiest=True).tolist() == [0]  # of the two 1.0s, the lower index
+    assert select_indices(scores, 0.4, easiest=True).tolist() == [0, 1, 4]  # then the first of the 2.0s
+    assert select_indices(np.zeros(6), 0.5, easiest=True).tolist() == [0, 1, 2]  # same as the hard rule
+    assert len(select_indices(np.arange(7.0), 0.5, easiest=True)) == 4  # 3.5 rounds up, as num_kept
+    rng = np.random.default_rng(1)
+    values = rng.random(101)
+    easy, hard = select_indices(values, 0.3, easiest=True), select_indices(values, 0.7)
+    assert len(easy) == num_kept(101, 0.3) and values[easy].max() < np.delete(values, easy).min()
+    assert np.intersect1d(hard, select_indices(values, 0.7, easiest=True)).size == 0  # 30 hardest vs 30 easiest
+
+
 def test_num_kept_rounds_half_up_and_survives_float_error():
     assert num_kept(1000, 0.9) == 100  # (1 - 0.9) * 1000 = 99.99999999999999
     assert num_kept(5, 0.5) == 3

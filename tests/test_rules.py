@@ -46,6 +46,7 @@ def expected_kept(rule: str, preset, dataset, store, seed: int) -> np.ndarray:
         "grand-matched": lambda: matched_random_indices(labels, select_indices(scores, SPARSITY), classes, seed=seed),
         "ccs": lambda: ccs_indices(scores, SPARSITY, beta=preset.ccs_beta, bins=5, seed=seed),
         "forgetting": lambda: select_indices(scores, SPARSITY),
+        "el2n-easy": lambda: select_indices(-scores, SPARSITY), "grand-easy": lambda: select_indices(-scores, SPARSITY),
     }
     if rule.startswith("drop"):
         accuracy = experiment.validation_class_accuracy(preset, dataset, store)

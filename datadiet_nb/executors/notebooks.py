@@ -30,7 +30,8 @@ KERNEL = "python3"
 # every notebook of a sweep (into its progress bar). The kernel runs on this machine's loopback, for this user.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 TITLES = {"analysis": "Results: {preset}", "scores": "Scores: {preset}",
-          "bias": "What drives class-wise bias: {preset}"}
+          "bias": "What drives class-wise bias: {preset}",
+          "regime": "Which examples to keep depends on how many you have: {preset}"}
 
 
 
@@ -249,7 +250,7 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     def notebook(job: Job) -> Path | None:
         if job.kind == "scoring-run":
             return None  # computed by the scores notebook, which shows all K runs
-        return folder / "scores.ipynb" if job.kind == "scores" else folder / "train" / f"{job.spec.label}.ipynb"
+        return folder / "scores.ipynb" if job.kind == "scores" else folder / "train" / f"{job.label}.ipynb"
 
     def execute(job: Job) -> bool:
         if job.kind == "scoring-run":
@@ -270,6 +271,8 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
         if job.spec is not None:
             name = "train_sparse"
             parameters = {**common, "score": job.spec.score, "sparsity": job.spec.sparsity, "seed": job.spec.seed}
+            if job.size is not None:  # one size of the grid: the preset at that size
+                parameters["overrides"] = [*overrides, "train_sizes=", f"train_per_class={job.size}"]
         try:
             execute_notebook(name, notebook(job), parameters, scratch=scratch,
                              title=TITLES.get(name, "").format(preset=preset.name) or None, kernel=kernels)
@@ -291,12 +294,15 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     return outcome
 
 
-CHAPTERS = ("analysis", "bias", "reproducibility")
+CHAPTERS = ("analysis", "bias", "regime", "reproducibility")
 
 
 def default_chapters(preset: Preset) -> list[str]:
     """The chapters a notebooks sweep executes: the results, the bias chapter when the preset compares rules
-    beyond the paper's, and the reproducibility appendix (of the whole store)."""
+    beyond the paper's, and the reproducibility appendix (of the whole store); a grid of training-set sizes gets
+    the regime chapter instead of the two others."""
+    if preset.train_sizes:
+        return ["regime", "reproducibility"]
     return ["analysis", *(["bias"] if set(preset.scores) - set(PAPER_RULES) else []), "reproducibility"]
 
 
