@@ -34,19 +34,22 @@ def with_dense_start(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([frame[frame["score"] != DENSE], *copies], ignore_index=True)
 
 
-def _bands(ax, frame: pd.DataFrame, group: str, value: str, order: list, names: dict, colors) -> None:
-    """One line per ``group`` (mean, with markers) and its 95 % interval band (``value_lo``/``value_hi``); a
-    group with a single point gets an error bar instead, set a little apart from the others' so that all show."""
+def _bands(ax, frame: pd.DataFrame, group: str, value: str, order: list, names: dict, colors, *,
+           x: str = "sparsity", linestyles: dict | None = None) -> None:
+    """One line per ``group`` (mean, with markers) against ``x`` and its 95 % interval band (``value_lo``/
+    ``value_hi``); a group with a single point gets an error bar instead, set a little apart from the others' so
+    that all show."""
     single = [item for item in order if (frame[group] == item).sum() == 1]
     for item, color in zip(order, colors):
-        part = frame[frame[group] == item].sort_values("sparsity")
+        part = frame[frame[group] == item].sort_values(x)
         if item in single:
-            x = part["sparsity"] + SINGLE_POINT_DODGE * (single.index(item) - (len(single) - 1) / 2)
-            ax.errorbar(x, part[value], yerr=[part[value] - part[f"{value}_lo"], part[f"{value}_hi"] - part[value]],
+            x_at = part[x] + SINGLE_POINT_DODGE * (single.index(item) - (len(single) - 1) / 2)
+            ax.errorbar(x_at, part[value], yerr=[part[value] - part[f"{value}_lo"], part[f"{value}_hi"] - part[value]],
                         fmt="o", markersize=4, capsize=2, color=color, label=names.get(item, item))
             continue
-        ax.plot(part["sparsity"], part[value], marker="o", markersize=4, color=color, label=names.get(item, item))
-        ax.fill_between(part["sparsity"], part[f"{value}_lo"], part[f"{value}_hi"], color=color, alpha=BAND_ALPHA,
+        ax.plot(part[x], part[value], marker="o", markersize=4, color=color, label=names.get(item, item),
+                linestyle=(linestyles or {}).get(item, "-"))
+        ax.fill_between(part[x], part[f"{value}_lo"], part[f"{value}_hi"], color=color, alpha=BAND_ALPHA,
                         linewidth=0)
 
 
@@ -222,6 +225,32 @@ def bias_panels(summary: pd.DataFrame, *, labels: dict | None = None, columns: i
     handles, texts = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, texts, loc="lower center", ncol=min(6, len(texts)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+REGIME_MEASURES = {"overall_accuracy": "Test accuracy", "class_std": "Std of class accuracies",
+                   "worst_class_accuracy": "Worst-class accuracy"}  # summary column -> panel title
+
+
+def regime_panels(summary: pd.DataFrame, *, labels: dict | None = None) -> plt.Figure:
+    """Accuracy, class std and worst-class accuracy against training-set size (per class, log scale): one line per
+    rule at its sparsity with its 95 % band, the dense run of each size dashed (:func:`.regime.summary_by_size`)."""
+    names = {**SCORE_LABELS, **(labels or {})}
+    rules = [s for s in SCORE_ORDER if s in set(summary["score"])]
+    colors = _rule_colors(rules)
+    order = [*rules, DENSE] if DENSE in set(summary["score"]) else rules
+    fig, axes = plt.subplots(1, len(REGIME_MEASURES), figsize=(PANEL_SIZE[0] * len(REGIME_MEASURES), PANEL_SIZE[1] + 0.4))
+    for ax, (value, title) in zip(axes, REGIME_MEASURES.items()):
+        _bands(ax, summary, "score", value, order, names, [colors.get(r, (0.4, 0.4, 0.4)) for r in order],
+               x="train_size", linestyles={DENSE: "--"})
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(summary["train_size"].unique()), [f"{n:,.0f}" for n in sorted(summary["train_size"].unique())])
+        ax.minorticks_off()
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("Training images per class (before pruning)")
+    handles, texts = axes[0].get_legend_handles_labels()
+    fig.legend(handles, texts, loc="lower center", ncol=min(6, len(texts)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 
