@@ -202,6 +202,24 @@ def regime_numbers(results: pd.DataFrame, labels: dict[str, str], found: dict | 
     return numbers
 
 
+def is_cifar10(preset: Preset) -> bool:
+    """Whether the study trains on CIFAR-10 (the paper's dataset, and cifar10-cpu's), downloaded or the shared copy."""
+    return preset.dataset == "cifar10" or preset.dataset.endswith("cifar10.zip")
+
+
+def where_text(preset: Preset, numbers: dict[str, GlueText]) -> GlueText:
+    """Where the cifar10-cpu study and the paper sit against this study's crossing; on another dataset, that their
+    sizes are CIFAR-10 sizes and so not placed here."""
+    if not is_cifar10(preset):
+        return GlueText(f"This study is on {preset.dataset}, not CIFAR-10: the sizes of the paper "
+                        f"({numbers['regime_paper_size']} images per class) and of the cifar10-cpu study "
+                        f"({numbers['regime_reference_size']}) are CIFAR-10 sizes, so this chapter does not place "
+                        "them; the cifar10-cpu-regime preset does.")
+    return GlueText(f"The cifar10-cpu study trains on {numbers['regime_reference_size']} images per class: "
+                    f"{numbers['regime_reference_side']}. The paper trains on {numbers['regime_paper_size']} per class "
+                    f"(the whole CIFAR-10 training set): {numbers['regime_paper_side']}.")
+
+
 def regime_table(summary: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Size x rule: accuracy, class std and worst-class accuracy with 95 % intervals, and the worst class."""
     labels = labels or {}

@@ -1,0 +1,132 @@
+"""The regime chapter's numbers by hand: the crossing of keep-hard and keep-easy, its interval, the paired tests
+per size, and the sentences worded from them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from datadiet_nb import presets, regime
+from datadiet_nb.regime import crossing, crossing_point, crossing_text, side_text
+
+PER_CLASS_TEST = 10  # two classes of 10 test images
+# (size, rule) -> per seed, how many test images of each class the run got right (the first k of the class)
+HITS = {
+    (10, "el2n"): [(5, 5), (5, 6), (6, 7)], (10, "el2n-easy"): [(7, 7), (7, 7), (8, 7)],  # 10, 11, 13 vs 14, 14, 15
+    (100, "el2n"): [(9, 9), (9, 8), (9, 9)], (100, "el2n-easy"): [(6, 6), (7, 6), (6, 6)],  # 18, 17, 18 vs 12, 13, 12
+    (10, "dense"): [(8, 8)] * 3, (100, "dense"): [(10, 9)] * 3,
+}
+KEEP = {"el2n": (0.3, 0.7), "el2n-easy": (0.7, 0.3), "dense": (1.0, 1.0)}
+
+
+def fake_results(hits: dict = HITS) -> pd.DataFrame:
+    """What load_results gives for these runs: one row per (run, class)."""
+    rows = []
+    for (size, rule), per_seed in hits.items():
+        for seed, per_class in enumerate(per_seed):
+            key = f"{rule}-{size}-{seed}"
+            class_acc = [k / PER_CLASS_TEST for k in per_class]
+            for index, k in enumerate(per_class):
+                rows.append({"train_size": float(size), "score": rule, "sparsity": 0.0 if rule == "dense" else 0.5,
+                             "seed": seed, "key": key, "class": f"c{index}", "class_index": index,
+                             "class_accuracy": class_acc[index], "keep_ratio": KEEP[rule][index],
+                             "overall_accuracy": sum(per_class) / (2 * PER_CLASS_TEST),
+                             "class_std": float(np.std(class_acc)),
+                             "correct": np.arange(PER_CLASS_TEST) < k})
+    return pd.DataFrame(rows)
+
+
+def test_crossing_point_interpolates_in_log_size():
+    assert crossing_point([10, 100], [-0.15, 0.8 / 3]) == pytest.approx(10 ** (1 + 0.15 / (0.15 + 0.8 / 3)))
+    assert crossing_point([100, 10], [0.8 / 3, -0.15]) == pytest.approx(22.909, abs=0.001)  # any order of sizes
+    assert crossing_point([10, 100, 1000], [0.1, 0.1, -0.1]) == pytest.approx(10 ** 2.5)
+    assert crossing_point([10, 100, 1000], [-0.1, 0.1, -0.1]) == pytest.approx(10 ** 1.5)  # the first from below
+    assert crossing_point([10, 100, 1000], [-0.1, 0.0, 0.2]) == 100  # zero at a size
+    assert math.isnan(crossing_point([10, 100, 1000], [0.1, 0.2, 0.05]))  # no sign change
+    assert regime.sign_changes([-0.1, 0.1, -0.1]) == 2 and regime.sign_changes([0.1, 0.2]) == 0
+
+
+def test_crossing_gaps_are_the_paired_accuracy_differences_by_hand():
+    found = crossing(fake_results(), samples=400)
+    assert found["sizes"] == [10, 100] and found["num_seeds"] == 3
+    assert found["gaps"] == pytest.approx([np.mean([-4, -3, -2]) / 20, np.mean([6, 4, 6]) / 20])
+    assert found["point"] == pytest.approx(10 ** (1 + 0.15 / (0.15 + 0.8 / 3)))
+    assert 10 <= found["lo"] <= found["point"] <= found["hi"] <= 100
+    assert 0.9 <= found["fraction_crossing"] <= 1.0  # the gaps differ in sign in nearly every resample
+    again = crossing(fake_results(), samples=400)
+    assert (again["lo"], again["hi"]) == (found["lo"], found["hi"])  # seeded
+
+
+def test_curves_that_do_not_cross_say_so_and_who_is_ahead():
+    never = {**HITS, (10, "el2n"): [(9, 9), (9, 9), (9, 8)]}  # keep-hard ahead at both sizes
+    found = crossing(fake_results(never), samples=200)
+    assert math.isnan(found["point"]) and found["sign_changes"] == 0
+    text = crossing_text(found, {})
+    assert text.startswith("do not cross between 10 and 100 images per class: el2n is ahead at every size")
+
+
+def test_differences_per_size_are_paired_t_tests_of_the_runs_accuracies():
+    results = fake_results()
+    differences = regime.differences_by_size(results, [("el2n", "el2n-easy")])
+    row = differences.query("train_size == 10 and measure == 'accuracy'").iloc[0]
+    hard, easy = np.array([10, 11, 13]) / 20, np.array([14, 14, 15]) / 20
+    assert row["difference"] == pytest.approx(-0.15)
+    assert row["p"] == pytest.approx(scipy_stats.ttest_rel(hard, easy).pvalue)
+    half = scipy_stats.t.ppf(0.975, 2) * np.std(hard - easy, ddof=1) / np.sqrt(3)
+    assert (row["difference_lo"], row["difference_hi"]) == pytest.approx((-0.15 - half, -0.15 + half))
+    worst = differences.query("train_size == 100 and measure == 'worst'").iloc[0]
+    assert worst["difference"] == pytest.approx(np.mean([0.9 - 0.6, 0.8 - 0.6, 0.9 - 0.6]))
+
+
+def test_the_sentences_follow_the_tests():
+    numbers = regime.regime_numbers(fake_results(), {"el2n": "EL2N", "el2n-easy": "EL2N easy"})
+    assert numbers["regime_sizes"] == "10 and 100"
+    assert numbers["regime_crossing"].startswith("cross at about 23 images per class (95 % bootstrap interval")
+    assert numbers["regime_crossing"].endswith("EL2N behind below it and ahead above it")
+    p_small = scipy_stats.ttest_rel([10, 11, 13], [14, 14, 15]).pvalue
+    assert p_small < 0.05 and numbers["regime_small_verdict"] == "EL2N easy gives the higher accuracy"
+    assert numbers["regime_large_verdict"] == "EL2N gives the higher accuracy"
+    assert numbers["regime_small_accuracy"].startswith("-15.0 points (95 % CI")
+    assert numbers["regime_large_el2n_keeps"] == "c1 (0.70) and c0 (0.30)"
+    assert numbers["regime_paper_side"].startswith("outside the range measured here (10–100): at 100, the nearest "
+                                                   "size, EL2N is ahead")
+    noisy = {**HITS, (10, "el2n"): [(9, 5), (5, 6), (6, 9)]}  # differences 0, -3, 0: not shown
+    verdict = regime.regime_numbers(fake_results(noisy), {"el2n": "EL2N", "el2n-easy": "EL2N easy"})
+    assert verdict["regime_small_verdict"] == "the data do not show a difference in accuracy between EL2N and EL2N easy"
+
+
+@pytest.mark.parametrize("per_class, expected", [
+    (50, "above the crossing, on the side where el2n pays"),
+    (12, "below the crossing, on the side where el2n-easy pays"),
+    (20, "within the interval of the crossing: too close to it to tell which side"),
+    (5000, "outside the range measured here (10–100): at 100, the nearest size, el2n is ahead"),
+    (5, "outside the range measured here (10–100): at 10, the nearest size, el2n-easy is ahead"),
+])
+def test_which_side_of_the_crossing(per_class, expected):
+    found = {"sizes": [10, 100], "gaps": np.array([-0.15, 0.27]), "point": 22.9, "lo": 15.0, "hi": 30.0}
+    assert side_text(per_class, found, {}).startswith(expected)
+
+
+def test_without_a_crossing_a_size_in_range_is_on_the_leaders_side():
+    found = {"sizes": [10, 100], "gaps": np.array([0.1, 0.2]), "point": float("nan"), "lo": float("nan"),
+             "hi": float("nan")}
+    assert side_text(50, found, {}) == "on the side where el2n pays: the curves do not cross in the range measured"
+
+
+def test_the_pairs_start_with_keep_hard_against_keep_easy():
+    pairs = regime.regime_pairs(list(presets.REGIME_RULES))
+    assert pairs[0] == ("el2n", "el2n-easy")
+    assert {("el2n-easy", "random"), ("el2n", "el2n-matched"), ("el2n", "dense")} <= set(pairs)
+
+
+def test_the_recipe_note_names_how_the_study_departs_from_the_paper():
+    text = regime.recipe_text(presets.get("cifar10-cpu-regime"))
+    assert text.startswith("a ResNet-18 of first-stage width 8 (the paper's: 64), trained 15 epochs at batch 128 "
+                           "(the paper: 200 at batch 128); EL2N from K = 3 scoring runs at epoch 4 of 4 (the paper: "
+                           "K = 10 at epoch 20 of 200)")
+    assert "training sets of 100, 300 and 1,000 images per class" in text
+    assert regime.is_cifar10(presets.get("cifar10-cpu-regime")) and not regime.is_cifar10(presets.get("digits-regime"))
