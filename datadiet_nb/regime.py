@@ -62,10 +62,11 @@ def crossing_point(sizes, gaps) -> float:
     point from the smallest size, a size where the gap is exactly zero, or NaN if the sign never changes."""
     sizes, gaps = np.asarray(sizes, dtype=np.float64), np.asarray(gaps, dtype=np.float64)
     order = np.argsort(sizes)
-    sizes, gaps = np.log(sizes[order]), gaps[order]
+    plain, gaps = sizes[order], gaps[order]
+    sizes = np.log(plain)
     for i in range(len(sizes)):
         if gaps[i] == 0:
-            return float(np.exp(sizes[i]))
+            return float(plain[i])
         if i + 1 < len(sizes) and gaps[i] * gaps[i + 1] < 0:
             return float(np.exp(sizes[i] + (sizes[i + 1] - sizes[i]) * gaps[i] / (gaps[i] - gaps[i + 1])))
     return float("nan")
