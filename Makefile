@@ -4,6 +4,8 @@ VENV   ?= .venv
 PRESET ?= digits
 # every pruning rule side by side, for the bias chapter
 BIAS_PRESET ?= digits-bias
+# keep-hard vs keep-easy vs random by training-set size, for the regime chapter
+REGIME_PRESET ?= digits-regime
 STORE  ?= runs
 # jobs at once (notebook kernels, inline worker processes), each with a share of the cores
 WORKERS ?= $(shell getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
@@ -27,6 +29,8 @@ install: $(VENV)/.installed
 
 report: install
 	$(BIN)/datadiet-nb sweep --preset $(PRESET) --store $(STORE) --workers $(WORKERS)
+	$(BIN)/datadiet-nb sweep --preset $(REGIME_PRESET) --store $(STORE) --executor inline --workers $(WORKERS) \
+		--chapters regime
 	$(BIN)/datadiet-nb sweep --preset $(BIAS_PRESET) --store $(STORE) --executor inline --workers $(WORKERS) \
 		--chapters bias,reproducibility
 	$(BIN)/jupyter-book build . --quiet

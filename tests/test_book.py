@@ -34,6 +34,10 @@ BIAS_SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "dig
               *TINY, "--set", "scoring.epochs.forgetting=2", "--executor", "inline",
               "--chapters", "bias,reproducibility"]
 BIAS_FIGURES = ["bias_measures", "keep_vs_error"]
+# the regime chapter, as `make report` makes it (before the bias sweep, whose appendix then covers its runs)
+REGIME_OVERRIDES = [a for a in TINY if a != "--set"] + ["train_sizes=12,40"]
+REGIME_SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits-regime", "--store", "runs",
+                "--quiet", *TINY, "--set", "train_sizes=12,40", "--executor", "inline", "--chapters", "regime"]
 ONE_SEED_SWEEP = [*SWEEP, "--set", "seeds=0"]  # the concurrency test needs jobs, not intervals
 
 
@@ -76,6 +80,8 @@ def book(tmp_path_factory) -> Path:
     sweep_killed_midway(root)  # the sweep below must resume it: the tests check the book is whole
     result = sweep(root)
     assert result.returncode == 0, result.stderr[-3000:]
+    regime = subprocess.run(REGIME_SWEEP, cwd=root, capture_output=True, text=True, timeout=900)
+    assert regime.returncode == 0, regime.stderr[-3000:]
     bias = subprocess.run(BIAS_SWEEP, cwd=root, capture_output=True, text=True, timeout=900)
     assert bias.returncode == 0, bias.stderr[-3000:]
     build = subprocess.run([str(Path(sys.executable).parent / "jupyter-book"), "build", ".", "--warningiserror",
@@ -105,7 +111,8 @@ def test_the_sweep_wrote_every_notebook_without_errors(book):
     names = {p.relative_to(runs).as_posix() for p in executed}
     runs_expected = {f"digits/train/{run}-seed{seed}.ipynb" for seed in (0, 1)
                      for run in ("dense-s0", "el2n-s0.5", "grand-s0.5", "random-s0.5")}
-    assert {"digits/scores.ipynb", "digits/analysis.ipynb", "digits-bias/bias.ipynb", "reproducibility.ipynb",
+    assert {"digits/scores.ipynb", "digits/analysis.ipynb", "digits-bias/bias.ipynb", "digits-regime/regime.ipynb",
+            "reproducibility.ipynb",
             *runs_expected} == names
     for path in executed:
         for cell in json.loads(path.read_text())["cells"]:
@@ -161,6 +168,29 @@ def test_the_bias_chapter_shows_every_rule_and_states_only_what_its_tests_suppor
         assert str(numbers[key]) in text, key  # recomputed here from the records, quoted on the page
     for rule in study.scores:
         assert labels[rule] in text, rule  # in the tables
+
+
+def test_the_regime_chapter_quotes_the_crossing_and_the_tests_recomputed_from_the_records(book):
+    from datadiet_nb import presets, regime
+
+    page = book / "_build" / "html" / "book" / "runs" / "digits-regime" / "regime.html"
+    assert (book / "book" / "runs" / "digits-regime" / "figures" / "regime.png").stat().st_size > 1000
+    images = re.findall(r'<img[^>]+src="([^"]+)"', page.read_text())
+    assert images and all((page.parent / src).resolve().is_file() for src in images)
+    text = text_of(page)
+    study = presets.with_overrides(presets.get("digits-regime"), REGIME_OVERRIDES)
+    results = results_of_preset(book / "runs", "digits-regime", REGIME_OVERRIDES)
+    assert sorted(results["train_size"].unique()) == [12, 40] and set(results["score"]) == {"dense", *study.scores}
+    labels = report.score_labels(study)
+    numbers = regime.regime_numbers(results, labels)
+    numbers["regime_where"] = regime.where_text(study, numbers)
+    for key in ("regime_crossing", "regime_small_accuracy", "regime_small_verdict", "regime_large_accuracy",
+                "regime_large_verdict", "regime_small_std", "regime_large_worst", "regime_large_el2n_keeps",
+                "regime_where"):
+        assert str(numbers[key]) in text, key  # recomputed here from the records, quoted on the page
+    assert "Which examples to keep depends on how many you have" in text and "40 per class" in text  # the tables
+    for rule in study.scores:
+        assert labels[rule] in text, rule
 
 
 def test_book_has_method_appendix_and_reproducibility(book):
