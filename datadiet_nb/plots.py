@@ -314,7 +314,7 @@ def run_classes(record: dict) -> plt.Figure:
                           "Keep ratio": record["keep_ratio"]}).melt("class", var_name="measure")
     fig, ax = plt.subplots(figsize=FIGSIZE)
     sns.barplot(data=frame, x="class", y="value", hue="measure", ax=ax)
-    ax.set_title(f"{SCORE_LABELS[record['score']]} at sparsity {record['sparsity']:g}, seed {record['seed']}")
+    ax.set_title(f"{SCORE_LABELS.get(record['score'], record['score'])} at sparsity {record['sparsity']:g}, seed {record['seed']}")
     ax.tick_params(axis="x", rotation=90 if len(record["classes"]) > 10 else 0)
     fig.tight_layout()
     return fig

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .errors import UserError
 from .presets import CIFAR10_CPU, DENSE, PAPER_RECIPE, PAPER_SCORING, Preset
 from .report import ALPHA, GlueText, _cell, difference_text, p_value, top_keep_classes
 from .results import _correct, keep_ratio_table, paired_differences, summarize
@@ -96,6 +97,10 @@ def crossing(results: pd.DataFrame, *, hard: str = HARD, easy: str = EASY, spars
     """
     sizes = sizes_of(results)
     runs = results[np.isclose(results["sparsity"], sparsity)]
+    missing = [rule for rule in (hard, easy) if rule not in set(runs["score"])]
+    if missing:
+        raise UserError(f"the regime chapter compares {hard} with {easy} at sparsity {sparsity:g}, but the records "
+                        f"hold no runs of {', '.join(missing)}: add it to the preset's scores")
     seeds = sorted(set.intersection(*[set(_at(runs, n).loc[lambda frame: frame["score"] == rule, "seed"])
                                       for n in sizes for rule in (hard, easy)]))
     parts = [_hits(results, n, rule, sparsity, seeds) for n in sizes for rule in (hard, easy)]

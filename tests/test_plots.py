@@ -92,3 +92,24 @@ def test_the_chapter_names_the_budget_rule_and_each_score_epoch():
     assert report.study_notes(presets.get("digits")) is None
     note = report.study_notes(presets.get("cifar10-cpu")).data
     assert "first 500 training images of each class" in note and "full** training set" in note
+
+
+def test_a_run_figure_is_drawn_for_every_rule_not_only_the_papers():
+    record = {"score": "el2n-easy", "sparsity": 0.5, "seed": 0, "classes": ["a", "b"], "class_accuracy": [0.5, 1.0],
+              "keep_ratio": [0.25, 0.75]}
+    fig = plots.run_classes(record)
+    assert "el2n-easy at sparsity 0.5, seed 0" in fig.axes[0].get_title()
+    plots.plt.close(fig)
+
+
+def test_the_regime_panels_put_training_set_size_on_a_log_axis_with_a_dense_line_per_size():
+    rows = [{"train_size": size, "score": score, "sparsity": 0.0 if score == "dense" else 0.5,
+             **{f"{name}{end}": value for name in plots.REGIME_MEASURES
+                for end, value in (("", base), ("_lo", base - 0.05), ("_hi", base + 0.05))}}
+            for size, base in ((10, 0.4), (100, 0.7)) for score in ("dense", "el2n", "el2n-easy")]
+    fig = plots.regime_panels(pd.DataFrame(rows), labels={"el2n": "EL2N", "el2n-easy": "EL2N easy"})
+    assert len(fig.axes) == 3 and all(ax.get_xscale() == "log" for ax in fig.axes)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"EL2N", "EL2N easy", "Dense"} and lines["Dense"].get_linestyle() == "--"
+    assert list(lines["EL2N"].get_xdata()) == [10, 100]
+    plots.plt.close(fig)

@@ -69,6 +69,14 @@ def test_curves_that_do_not_cross_say_so_and_who_is_ahead():
     assert text.startswith("do not cross between 10 and 100 images per class: el2n is ahead at every size")
 
 
+def test_a_study_without_the_easy_rule_is_told_what_to_add():
+    from datadiet_nb.errors import UserError
+
+    without = {key: hits for key, hits in HITS.items() if key[1] != "el2n-easy"}
+    with pytest.raises(UserError, match="hold no runs of el2n-easy: add it to the preset"):
+        crossing(fake_results(without))
+
+
 def test_differences_per_size_are_paired_t_tests_of_the_runs_accuracies():
     results = fake_results()
     differences = regime.differences_by_size(results, [("el2n", "el2n-easy")])

@@ -107,3 +107,20 @@ def test_train_sizes_set_on_a_preset_without_them_are_whole_numbers():
     preset = presets.with_overrides(presets.get("digits"), ["train_sizes=5,10", "scoring.full_train=true"])
     assert preset.train_sizes == (5, 10) and preset.at_size(5).train_per_class == 5
     assert preset.at_size(5).train_sizes == ()
+
+
+def test_the_notebook_executor_runs_each_size_in_its_own_notebook_with_the_inline_records(regime, tmp_path):
+    from datadiet_nb.executors.notebooks import run_sweep_notebooks
+
+    overrides = TINY_REGIME
+    study = presets.with_overrides(presets.get("digits-regime"), overrides)
+    book_runs = tmp_path / "book"
+    outcome = run_sweep_notebooks(study, overrides, Store(tmp_path / "nb"), book_runs, progress=False, workers=2)
+    inline = run_sweep(study, Store(tmp_path / "inline"), progress=False)
+    assert not outcome.failures and len(outcome.records) == 6
+    assert [r["key"] for r in outcome.records] == [r["key"] for r in inline.records]
+    assert [r["num_kept"] for r in outcome.records] == [r["num_kept"] for r in inline.records] == [80, 40, 40, 240,
+                                                                                                   120, 120]
+    names = {p.name for p in (book_runs / "digits-regime" / "train").glob("*.ipynb")}
+    assert names == {f"n{n}-{run}-seed0.ipynb" for n in SIZES for run in ("dense-s0", "el2n-s0.5", "el2n-easy-s0.5")}
+    assert (book_runs / "digits-regime" / "regime.ipynb").is_file()  # its default chapters
