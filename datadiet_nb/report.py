@@ -135,7 +135,9 @@ def study_notes(preset: Preset):
         notes.append(f"The training grid uses a class-balanced subset, the first {preset.train_per_class} training "
                      f"images of each class, and {scored}. This is a small-data regime: its accuracy curves "
                      "may differ from the paper's (pruning a small set removes examples the model still needs), "
-                     "and are shown as they came out.")
+                     "and are shown as they came out. Where keeping the hardest examples starts to pay is measured "
+                     "by a preset with training-set sizes (`cifar10-cpu-regime`) in the chapter \"Which examples to "
+                     "keep depends on how many you have\".")
     width = preset.model_options.get("width")
     if width is not None and preset.model.startswith("resnet") and width != 64:
         notes.append(f"The {preset.model} is narrow (first stage width {width}, against 64 in the paper), "

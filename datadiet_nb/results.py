@@ -124,13 +124,13 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def run_measures(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per run (score, sparsity, seed, key): its overall ``accuracy`` and
+    """One row per run (score, sparsity, seed, key): its overall ``accuracy`` (where the table has it) and
     :func:`~datadiet_nb.metrics.spread` of its class accuracies."""
     rows = []
     for (score, sparsity, seed, key), run in results.groupby(["score", "sparsity", "seed", "key"], sort=False):
         measures = spread(run.sort_values("class_index")["class_accuracy"].to_numpy())
         rows.append({"score": score, "sparsity": sparsity, "seed": seed, "key": key,
-                     "accuracy": float(run["overall_accuracy"].iloc[0]),
+                     **({"accuracy": float(run["overall_accuracy"].iloc[0])} if "overall_accuracy" in run else {}),
                      **{name: float(value) for name, value in measures.items()}})
     return pd.DataFrame(rows)
 

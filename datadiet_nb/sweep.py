@@ -211,12 +211,15 @@ def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[
                     continue
                 state, detail = job_state(store, job, num_scored)
                 needed = [job_state(store, by_key[k], num_scored)[0] for k in job.needs] if state != "done" else []
-                if state == "failed" or "failed" in needed:
+                if state == "failed" or "failed" in needed or any(by_key[k].label in failures for k in job.needs):
                     failures[job.label] = detail or "a job it needs failed"
                 elif state == "running" or "running" in needed:
                     waiting.append(job)  # another process holds it (or a job it needs): come back later
                     held += 1
                     continue
+                elif any(need != "done" for need in needed):
+                    waiting.append(job)  # a job it needs is still to run here: a worker waiting on it inside
+                    continue  # the job would sit idle while others could run
                 elif state == "missing" or not extra_done(job):
                     bar.set_postfix_str(job.label)
                     if threads is None:

@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from datadiet_nb import presets
 from datadiet_nb.experiment import load_dataset, scored_dataset
@@ -27,8 +28,12 @@ def mark_done(store: Store, job, num_scored: int) -> None:
         store.save_run(job.key, {"key": job.key}, np.arange(3))
 
 
-def test_jobs_run_at_most_workers_at_once_each_once_after_the_jobs_they_need(tmp_path):
-    preset = presets.with_overrides(presets.get("digits"), ["sparsities=0,0.5", "seeds=0,1", "scoring.num_runs=3"])
+# (3 workers, 2 seeds), and (2 workers, 1 seed): a worker comes free while the scores are still missing, with
+# nothing but runs that need them left to hand out
+@pytest.mark.parametrize("workers, seeds", [(WORKERS, "0,1"), (2, "0")])
+def test_jobs_run_at_most_workers_at_once_each_once_after_the_jobs_they_need(tmp_path, workers, seeds):
+    preset = presets.with_overrides(presets.get("digits"), ["sparsities=0,0.5", f"seeds={seeds}",
+                                                            "scoring.num_runs=3"])
     dataset = load_dataset(preset)
     store = Store(tmp_path / "runs")
     num_scored = scored_dataset(preset, dataset).num_train
@@ -41,15 +46,35 @@ def test_jobs_run_at_most_workers_at_once_each_once_after_the_jobs_they_need(tmp
             started.append(job.key)
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(JOB_S)
+        time.sleep(JOB_S * (3 if job.kind == "scoring-run" else 1))  # training runs finish while one still scores
         mark_done(store, job, num_scored)
         with lock:
             running[0] -= 1
         return True
 
     failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=False,
-                         workers=WORKERS)
+                         workers=workers)
     assert failures == {}
     assert sorted(started) == sorted(by_key)  # each once
-    assert peak[0] == WORKERS
+    assert peak[0] == workers
     assert all(job_state(store, job, num_scored)[0] == "done" for job in by_key.values())
+
+
+def test_runs_whose_scores_failed_unexpectedly_are_reported_not_waited_for(tmp_path):
+    """A scores job that raises (not a failure recorded in the store) fails the runs that need it; the rest run."""
+    preset = presets.with_overrides(presets.get("digits"), ["sparsities=0,0.5", "seeds=0", "scoring.num_runs=1"])
+    dataset = load_dataset(preset)
+    store = Store(tmp_path / "runs")
+    num_scored = scored_dataset(preset, dataset).num_train
+
+    def execute(job) -> bool:
+        if job.kind == "scores":
+            raise OSError("disk vanished")
+        mark_done(store, job, num_scored)
+        return True
+
+    failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=False, workers=2)
+    assert failures == {"scores": "OSError: disk vanished", "el2n-s0.5-seed0": "a job it needs failed",
+                        "grand-s0.5-seed0": "a job it needs failed"}
+    done = {job.label for job in jobs(preset, dataset) if job_state(store, job, num_scored)[0] == "done"}
+    assert done == {"scoring-run-seed1000", "dense-s0-seed0", "random-s0.5-seed0"}

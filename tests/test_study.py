@@ -91,7 +91,7 @@ def test_sweep_results_table(tiny_digits, tmp_path):
     assert not np.allclose(*(r["keep_ratio"] for r in records_in(tmp_path) if (r["score"], r["sparsity"]) ==
                              ("random", 0.5)))  # the two seeds differ there, so the mean is tested
     # every column of every row is the record's, whichever way the store is named or the runs are chosen
-    assert list(df.columns) == ["preset", "dataset", "model", "score", "sparsity", "offset", "seed", "class",
+    assert list(df.columns) == ["preset", "dataset", "model", "train_size", "score", "sparsity", "offset", "seed", "class",
                                 "class_index", "class_accuracy", "keep_ratio", "overall_accuracy", "class_std",
                                 "key", "correct"]
     by_key = df.set_index(["key", "class_index"])
