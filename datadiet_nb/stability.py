@@ -1,5 +1,6 @@
 """How stable the scores are: agreement between scoring runs, with the number of runs K, between EL2N
-and GraNd, GraNd at initialisation against the input norm, and the class keep ratio by scoring epoch.
+and GraNd, GraNd at initialisation against the input norm, and the class keep ratio by scoring epoch; and how
+any two score sets of one training set agree as pruning rules (:func:`compare`).
 
 A single early checkpoint mostly reflects that checkpoint's transient class errors; these measures show
 how much of a ranking is signal. They read scores, they never change them.
@@ -8,6 +9,7 @@ how much of a ranking is signal. They read scores, they never change them.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -104,3 +106,65 @@ def rank_agreement(scores: dict[str, "np.ndarray"]) -> dict[str, float]:
     for name in SCORES:
         agreement[f"{name}_across_runs"] = mean_pairwise_spearman(scores[f"{name}_runs"])
     return agreement
+
+
+# --- agreement between two score sets on the same data (e.g. this package's EL2N and another implementation's) ---
+
+REVERSED_SPEARMAN = -0.5  # below this, one score set ranks the other's hardest as easiest
+INPUT_NORM_SPEARMAN = 0.8  # above this, a score ranks examples by the size of their input
+
+
+@dataclass
+class Agreement:
+    """How two score sets of one training set agree: ``summary`` (one row per measure), ``per_class`` (Spearman
+    within each class and both keep ratios at each sparsity), ``overlap`` (top-k overlap and keep-ratio rank
+    correlation per sparsity), and ``warnings`` for the known traps."""
+
+    summary: pd.DataFrame
+    per_class: pd.DataFrame
+    overlap: pd.DataFrame
+    warnings: list[str]
+
+
+def compare(a: np.ndarray, b: np.ndarray, labels: np.ndarray, classes: list[str], sparsities, *,
+            names: tuple[str, str] = ("a", "b"), input_norm: np.ndarray | None = None) -> Agreement:
+    """Compare score sets ``a`` and ``b`` (one value per training example, the same order) as pruning rules that
+    keep the highest scores: Spearman overall and within each class, the overlap of the kept sets at each
+    sparsity (against chance, (1 - s)), the class keep ratios side by side and their rank correlation; warnings
+    when ``b`` ranks in reverse or (with ``input_norm``, e.g. of GraNd at initialisation) follows the input norm."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if a.shape != b.shape or a.shape != labels.shape:
+        raise ValueError(f"score sets and labels must have one value per example: {a.shape}, {b.shape}, {labels.shape}")
+    overall = spearman(a, b)
+    within = [spearman(a[labels == c], b[labels == c]) if (labels == c).sum() > 2 else float("nan")
+              for c in range(len(classes))]
+    per_class = pd.DataFrame({"class": classes, "spearman": within})
+    rows = []
+    for sparsity in (s for s in sparsities if s > 0):
+        kept_a, kept_b = select_indices(a, sparsity), select_indices(b, sparsity)
+        ratio_a = class_keep_ratio(labels, kept_a, len(classes))
+        ratio_b = class_keep_ratio(labels, kept_b, len(classes))
+        per_class[f"keep_{names[0]}_{sparsity:g}"] = ratio_a
+        per_class[f"keep_{names[1]}_{sparsity:g}"] = ratio_b
+        same = np.allclose(ratio_a, ratio_b)
+        rows.append({"sparsity": sparsity, "kept": len(kept_a),
+                     "overlap": len(np.intersect1d(kept_a, kept_b)) / max(1, len(kept_a)), "chance": 1.0 - sparsity,
+                     "keep_ratio_spearman": 1.0 if same else spearman(ratio_a, ratio_b)})
+    overlap = pd.DataFrame(rows, columns=["sparsity", "kept", "overlap", "chance", "keep_ratio_spearman"])
+    summary = pd.DataFrame([
+        {"measure": "Spearman, all examples", "value": overall},
+        {"measure": "Spearman within class (mean over classes)", "value": float(np.nanmean(within))},
+        *({"measure": f"top-k overlap at s = {row['sparsity']:g} (chance {row['chance']:.2f})",
+           "value": row["overlap"]} for _, row in overlap.iterrows()),
+    ]).set_index("measure")
+    warnings = []
+    if overall <= REVERSED_SPEARMAN:
+        warnings.append(f"{names[1]} ranks in reverse of {names[0]} (Spearman {overall:.2f}): one of them keeps the "
+                        "easiest examples, or its sign is flipped")
+    if input_norm is not None:
+        rho = spearman(b, np.asarray(input_norm, dtype=np.float64))
+        if rho >= INPUT_NORM_SPEARMAN:
+            warnings.append(f"{names[1]} follows the input norm (Spearman {rho:.2f}): a GraNd at initialisation ranks "
+                            "inputs by their size, not by their difficulty")
+    return Agreement(summary, per_class, overlap, warnings)

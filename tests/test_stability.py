@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from datadiet_nb import stability
+from datadiet_nb.prune import select_indices
 
 
 def test_pairwise_spearman_and_agreement_curve():
@@ -63,3 +64,61 @@ def test_rank_agreement_on_hand_made_rankings():
               "grand_runs": np.array([[1.0, 2, 3, 4, 5], [5, 4, 3, 2, 1]])}  # reversed: -1
     agreement = rank_agreement(scores)
     assert agreement == pytest.approx({"el2n_vs_grand": 0.8, "el2n_across_runs": 2.6 / 3, "grand_across_runs": -1.0})
+
+
+# --- compare: two score sets on the same data, by hand-made pairs ---------------------------------------------
+
+CLASSES = ["a", "b", "c"]
+
+
+def made_scores(seed: int = 0):
+    """90 examples of 3 classes whose scores differ by class (class c hardest), in interleaved order."""
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(3), 30)
+    return labels, rng.random(90) + labels  # class 2 scores highest
+
+
+def test_identical_scores_agree_perfectly():
+    labels, a = made_scores()
+    found = stability.compare(a, a.copy(), labels, CLASSES, (0.0, 0.5, 0.7))
+    assert found.summary.loc["Spearman, all examples", "value"] == pytest.approx(1.0)
+    assert found.per_class["spearman"].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert found.overlap["sparsity"].tolist() == [0.5, 0.7]  # the dense point has nothing to compare
+    assert found.overlap["overlap"].tolist() == [1.0, 1.0] and found.overlap["kept"].tolist() == [45, 27]
+    assert found.overlap["keep_ratio_spearman"].tolist() == [1.0, 1.0] and found.warnings == []
+
+
+def test_reversed_scores_overlap_nowhere_and_are_flagged():
+    labels, a = made_scores()
+    found = stability.compare(a, -a, labels, CLASSES, (0.5,), names=("ours", "theirs"))
+    assert found.summary.loc["Spearman, all examples", "value"] == pytest.approx(-1.0)
+    assert found.overlap["overlap"].tolist() == [0.0]  # the 45 highest of one are the 45 lowest of the other
+    assert found.per_class["keep_ours_0.5"].tolist() == pytest.approx([0.0, 0.5, 1.0])  # by hand: class c first
+    assert found.per_class["keep_theirs_0.5"].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert found.overlap["keep_ratio_spearman"].tolist() == pytest.approx([-1.0])
+    assert len(found.warnings) == 1 and found.warnings[0].startswith("theirs ranks in reverse of ours (Spearman -1.00)")
+
+
+def test_scores_shuffled_within_class_keep_the_same_classes_but_not_the_same_examples():
+    labels, a = made_scores()
+    rng = np.random.default_rng(1)
+    b = a.copy()
+    for c in range(3):
+        members = np.flatnonzero(labels == c)
+        b[members] = a[rng.permutation(members)]
+    found = stability.compare(a, b, labels, CLASSES, (0.5,))
+    assert found.per_class["keep_a_0.5"].tolist() == found.per_class["keep_b_0.5"].tolist()  # same class counts
+    assert found.overlap["keep_ratio_spearman"].tolist() == [1.0]
+    assert abs(found.summary.loc["Spearman within class (mean over classes)", "value"]) < 0.4  # no agreement inside
+    assert found.summary.loc["Spearman, all examples", "value"] > 0.7  # the class effect alone
+    kept_a, kept_b = select_indices(a, 0.5), select_indices(b, 0.5)
+    overlap = len(np.intersect1d(kept_a, kept_b)) / 45
+    assert found.overlap["overlap"].iloc[0] == pytest.approx(overlap) and overlap < 1.0
+
+
+def test_a_grand_at_init_that_equals_the_input_norm_is_flagged():
+    labels, a = made_scores()
+    norm = np.random.default_rng(2).random(90) * 10
+    found = stability.compare(a, norm.copy(), labels, CLASSES, (0.5,), names=("EL2N", "GraNd@0"), input_norm=norm)
+    assert any(w.startswith("GraNd@0 follows the input norm (Spearman 1.00)") for w in found.warnings)
+    assert stability.compare(a, a, labels, CLASSES, (0.5,), input_norm=norm).warnings == []
