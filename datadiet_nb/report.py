@@ -355,3 +355,22 @@ def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None =
                                text=differences.apply(cell, axis=1))
     return frame.pivot_table(index=["rule", "vs", "measure"], columns="sparsity", values="text", aggfunc="first",
                              sort=False)
+
+
+def area_table(areas: pd.DataFrame, differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per rule: the normalised areas under its worst-class and class-std curves with 95 % intervals, and
+    their paired differences from random pruning (95 % t interval, p)."""
+    labels = labels or {}
+    rows = []
+    for _, row in areas.iterrows():
+        line = {"rule": labels.get(row["score"], row["score"])}
+        for measure, title in (("worst", "worst-class area"), ("std", "class-std area")):
+            line[title] = _cell(row.rename(lambda name: name.replace(f"{measure}_area", "value")), "value")
+            match = differences[(differences["rule"] == row["score"]) & (differences["baseline"] == "random")
+                                & (differences["measure"] == measure)]
+            line[f"{title} vs random"] = "-" if match.empty else (
+                _cell(match.iloc[0], "difference") + ("" if match.iloc[0]["p"] != match.iloc[0]["p"]
+                                                      else f", {p_value(match.iloc[0]['p'])}"))
+        line["seeds"] = int(row["num_seeds"])
+        rows.append(line)
+    return pd.DataFrame(rows).set_index("rule")

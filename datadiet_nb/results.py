@@ -160,3 +160,80 @@ def paired_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]],
                              "num_seeds": len(seeds)})
     return pd.DataFrame(rows, columns=["rule", "baseline", "sparsity", "measure", "difference", "difference_lo",
                                        "difference_hi", "p", "num_seeds"])
+
+
+AREA_MEASURES = {"worst": "worst-class accuracy", "std": "std of class accuracies"}  # spread() names
+
+
+def normalised_area(sparsities, values, axis: int = -1) -> np.ndarray:
+    """The trapezoid area under ``values`` over ``sparsities`` (ascending, along ``axis``), divided by the range
+    of the sparsities: the curve's mean height, in the measure's own units."""
+    sparsities = np.asarray(sparsities, dtype=np.float64)
+    values = np.moveaxis(np.asarray(values, dtype=np.float64), axis, -1)
+    area = ((values[..., 1:] + values[..., :-1]) / 2 * np.diff(sparsities)).sum(-1)
+    return area / (sparsities[-1] - sparsities[0])
+
+
+def _curve_runs(results: pd.DataFrame, rule: str) -> tuple[list[float], list, pd.DataFrame]:
+    """(sparsities, seeds, runs) of one rule's curve: its runs at every sparsity it ran, starting from the dense
+    run of the same seed, over the seeds that ran at every point."""
+    own = results[results["score"] == rule]
+    sparsities = sorted(own["sparsity"].unique())
+    runs = pd.concat([results[results["score"] == DENSE].assign(sparsity=0.0), own]) if sparsities[0] > 0 else own
+    points = [0.0, *sparsities] if sparsities[0] > 0 else sparsities
+    seeds = sorted(set.intersection(*[set(runs.loc[np.isclose(runs["sparsity"], s), "seed"]) for s in points]))
+    runs = runs[runs["seed"].isin(seeds)]
+    return points, seeds, runs
+
+
+def area_per_seed(results: pd.DataFrame, rule: str, measure: str) -> pd.Series:
+    """Per seed, :func:`normalised_area` of a rule's ``measure`` (a :func:`~.metrics.spread` name) against
+    sparsity, from the dense run of the seed to the rule's highest sparsity."""
+    points, seeds, runs = _curve_runs(results, rule)
+    per_run = run_measures(runs)
+    table = per_run.pivot_table(index="seed", columns="sparsity", values=measure).loc[seeds, points]
+    return pd.Series(normalised_area(points, table.to_numpy(), axis=1), index=seeds, name=measure)
+
+
+def summarize_areas(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES,
+                    seed: int = stats.BOOTSTRAP_SEED) -> pd.DataFrame:
+    """One number per rule across the sparsity grid: the normalised area under its worst-class accuracy and its
+    class-std curves (dense run of each seed at s = 0), mean over seeds with a 95 % bootstrap interval (test images
+    drawn within each class, the same draw for every run of the rule, then the seeds)."""
+    rows = []
+    for rule in [s for s in dict.fromkeys(results["score"]) if s != DENSE]:
+        points, seeds, runs = _curve_runs(results, rule)
+        ordered = runs.sort_values(["sparsity", "seed", "class_index"])
+        correct = [np.stack(list(group["correct"])) for _, group in ordered.groupby("class_index")]  # [P*S, n_c]
+        rng = np.random.default_rng(seed)
+        replicates = stats.bootstrap_class_accuracy(correct, samples=samples, rng=rng)  # [B, P*S, C]
+        row = {"score": rule, "sparsities": len(points), "num_seeds": len(seeds)}
+        for measure in AREA_MEASURES:
+            per_seed = area_per_seed(results, rule, measure)
+            boot = spread(replicates)[measure].reshape(samples, len(points), len(seeds))
+            areas = normalised_area(points, boot, axis=1)  # [B, S]
+            row[f"{measure}_area"] = float(per_seed.mean())
+            row[f"{measure}_area_lo"], row[f"{measure}_area_hi"] = stats.interval(
+                stats.seed_means(areas, rng))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def area_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    """For each (rule, baseline) pair, the difference of their normalised areas (:func:`area_per_seed`) over the
+    seeds both have: mean, 95 % t interval and the two-sided paired t-test p."""
+    rows = []
+    for rule, baseline in pairs:
+        if baseline in (DENSE, rule) or not {rule, baseline} <= set(results["score"]):
+            continue
+        for measure in AREA_MEASURES:
+            mine, theirs = area_per_seed(results, rule, measure), area_per_seed(results, baseline, measure)
+            seeds = sorted(set(mine.index) & set(theirs.index))
+            diff = mine.loc[seeds].to_numpy() - theirs.loc[seeds].to_numpy()
+            mean, lo, hi = stats.t_interval(diff)
+            rows.append({"rule": rule, "baseline": baseline, "measure": measure, "difference": mean,
+                         "difference_lo": lo, "difference_hi": hi,
+                         "p": stats.paired_two_sided_p(mine.loc[seeds].to_numpy(), theirs.loc[seeds].to_numpy()),
+                         "num_seeds": len(seeds)})
+    return pd.DataFrame(rows, columns=["rule", "baseline", "measure", "difference", "difference_lo", "difference_hi",
+                                       "p", "num_seeds"])
