@@ -262,6 +262,17 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bank import export
+
+    out = Path(args.out)
+    header = export(_preset(args), _store(args, writing=False), out, force=args.force)
+    print(f"{out}: {header['preset']}'s scores ({', '.join(sorted(header['scores']))}; K = {header['num_runs']}) "
+          f"of {header['dataset']['num_train']} examples of {header['dataset']['name']}, and the kept indices of "
+          f"{len(header['kept'])} runs ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .executors.slurm import annotate
     from .sweep import status
@@ -377,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retry-failed", action="store_true", help="run again the jobs recorded as failed")
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the jobs and estimate their time from a short timed warm-up; run nothing")
+    export = command("export", cmd_export, "write a preset's scores, its runs' kept indices and its data's identity "
+                                           "to one .npz file (the score bank)")
+    export.add_argument("--out", required=True, help="the file to write (.npz)")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
     status = command("status", cmd_status, "list the done, running, failed and missing jobs of a preset in a store")
     status.add_argument("--verbose", action="store_true", help="list the done jobs too")
     return parser

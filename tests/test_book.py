@@ -168,6 +168,12 @@ def test_the_bias_chapter_shows_every_rule_and_states_only_what_its_tests_suppor
         assert str(numbers[key]) in text, key  # recomputed here from the records, quoted on the page
     for rule in study.scores:
         assert labels[rule] in text, rule  # in the tables
+    from datadiet_nb.results import area_differences, summarize_areas
+    areas = report.area_table(summarize_areas(results), area_differences(results, [(r, "random") for r in study.scores]),
+                              labels)
+    assert "One number across sparsities" in text
+    for cell in areas.loc[labels["el2n"]].drop("seeds"):
+        assert str(cell) in text, cell  # the areas and their tests, recomputed from the records
 
 
 def test_the_regime_chapter_quotes_the_crossing_and_the_tests_recomputed_from_the_records(book):
