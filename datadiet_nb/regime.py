@@ -159,8 +159,8 @@ def side_text(per_class: int, found: dict, labels: dict[str, str]) -> GlueText:
         edge = sizes[-1] if per_class > sizes[-1] else sizes[0]
         lead = hard if gaps[-1 if per_class > sizes[-1] else 0] > 0 else easy
         return GlueText(f"outside the range measured here ({_count(sizes[0])}–{_count(sizes[-1])}): at "
-                        f"{_count(edge)}, the nearest size, {lead} is ahead, so the trend points to the side where "
-                        f"{lead} pays (an extrapolation, not a measurement)")
+                        f"{_count(edge)}, the nearest size, {lead} is ahead; which side {_count(per_class)} images "
+                        "per class are on is not measured here")
     if point != point:
         return GlueText(f"on the side where {hard if gaps[0] > 0 else easy} pays: the curves do not cross in "
                         "the range measured")

@@ -16,10 +16,11 @@ SAME_KEEP_RATIO = 0.005  # keep ratios closer than this count as one fraction of
 
 
 class GlueText(str):
-    """A string that myst-nb's ``{glue:text}`` shows without quotes."""
+    """A string that myst-nb's ``{glue:text}`` shows as it is: myst-nb reads the glued text/plain back with
+    ``ast.literal_eval``, so the repr is the string's own literal ("1,000" would otherwise become the tuple (1, 0))."""
 
     def __repr__(self) -> str:
-        return str(self)
+        return repr(str(self))
 
 
 def pruning_scores(results: pd.DataFrame) -> list[str]:

@@ -66,7 +66,9 @@ def test_headline_numbers_come_from_the_table():
     assert numbers["el2n_std_p_50"].startswith("p ") and numbers["random_std_verdict_50"]
     assert numbers["dense_worst_class"].startswith("cat")
     assert numbers["el2n_top_keep_classes"].startswith("cat (0.60)")
-    assert repr(numbers["dense_accuracy"]) == str(numbers["dense_accuracy"])  # glued without quotes
+    from myst_nb.core.variables import format_plain_text
+    shown = format_plain_text(repr(numbers["dense_accuracy"]), "")  # what {glue:text} puts on the page
+    assert shown == str(numbers["dense_accuracy"])  # without quotes
 
 
 def test_save_writes_png_and_svg(tmp_path):
@@ -113,3 +115,10 @@ def test_the_regime_panels_put_training_set_size_on_a_log_axis_with_a_dense_line
     assert set(lines) == {"EL2N", "EL2N easy", "Dense"} and lines["Dense"].get_linestyle() == "--"
     assert list(lines["EL2N"].get_xdata()) == [10, 100]
     plots.plt.close(fig)
+
+
+def test_glued_text_reaches_the_page_as_it_is_even_when_it_reads_as_a_python_literal():
+    from myst_nb.core.variables import format_plain_text
+
+    for text in ("1,000", "100", "[cat]", "cat (0.93) and dog (0.72)", "-13.8 points (95 % CI -20.4 to -7.2)", "'q'"):
+        assert format_plain_text(repr(report.GlueText(text)), "") == text

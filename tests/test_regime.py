@@ -111,8 +111,9 @@ def test_the_sentences_follow_the_tests():
     (50, "above the crossing, on the side where el2n pays"),
     (12, "below the crossing, on the side where el2n-easy pays"),
     (20, "within the interval of the crossing: too close to it to tell which side"),
-    (5000, "outside the range measured here (10–100): at 100, the nearest size, el2n is ahead"),
-    (5, "outside the range measured here (10–100): at 10, the nearest size, el2n-easy is ahead"),
+    (5000, "outside the range measured here (10–100): at 100, the nearest size, el2n is ahead; which side 5,000 "
+           "images per class are on is not measured here"),
+    (5, "outside the range measured here (10–100): at 10, the nearest size, el2n-easy is ahead; which side 5 "),
 ])
 def test_which_side_of_the_crossing(per_class, expected):
     found = {"sizes": [10, 100], "gaps": np.array([-0.15, 0.27]), "point": 22.9, "lo": 15.0, "hi": 30.0}
