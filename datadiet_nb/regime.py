@@ -12,7 +12,8 @@ import pandas as pd
 from . import stats
 from .errors import UserError
 from .presets import CIFAR10_CPU, DENSE, PAPER_RECIPE, PAPER_SCORING, Preset
-from .report import ALPHA, GlueText, _cell, difference_text, p_value, top_keep_classes
+from .report import GlueText, _cell, _difference, _says, difference_text, top_keep_classes
+from .report import differences_table as report_differences_table
 from .results import _correct, keep_ratio_table, paired_differences, summarize
 
 HARD, EASY = "el2n", "el2n-easy"
@@ -50,12 +51,6 @@ def differences_by_size(results: pd.DataFrame, pairs: list[tuple[str, str]]) -> 
     frames = [paired_differences(_at(results, size), pairs, measures=tuple(MEASURES)).assign(train_size=size)
               for size in sizes_of(results)]
     return pd.concat(frames, ignore_index=True)
-
-
-def _difference(differences: pd.DataFrame, size: int, rule: str, baseline: str, measure: str) -> pd.Series | None:
-    match = differences[(differences["train_size"] == size) & (differences["rule"] == rule)
-                        & (differences["baseline"] == baseline) & (differences["measure"] == measure)]
-    return match.iloc[0] if len(match) else None
 
 
 def crossing_point(sizes, gaps) -> float:
@@ -171,12 +166,6 @@ def side_text(per_class: int, found: dict, labels: dict[str, str]) -> GlueText:
     return GlueText(f"{'below' if below else 'above'} the crossing, on the side where {lead} pays")
 
 
-def _says(row: pd.Series | None, hard: str, easy: str) -> GlueText:
-    if row is None or row["p"] != row["p"] or row["p"] >= ALPHA:
-        return GlueText(f"the data do not show a difference in accuracy between {hard} and {easy}")
-    return GlueText(f"{hard if row['difference'] > 0 else easy} gives the higher accuracy")
-
-
 def regime_numbers(results: pd.DataFrame, labels: dict[str, str], found: dict | None = None, *,
                    reference_per_class: int = REFERENCE_PER_CLASS, paper_per_class: int = PAPER_PER_CLASS,
                    sparsity: float = 0.5) -> dict[str, GlueText]:
@@ -197,9 +186,12 @@ def regime_numbers(results: pd.DataFrame, labels: dict[str, str], found: dict | 
                "regime_paper_side": side_text(paper_per_class, found, labels)}
     for end, size in (("small", sizes[0]), ("large", sizes[-1])):
         numbers[f"regime_{end}_size"] = GlueText(_count(size))
+        at_size = differences[differences["train_size"] == size]
         for measure in MEASURES:
-            numbers[f"regime_{end}_{measure}"] = difference_text(_difference(differences, size, HARD, EASY, measure))
-        numbers[f"regime_{end}_verdict"] = _says(_difference(differences, size, HARD, EASY, "accuracy"), hard, easy)
+            numbers[f"regime_{end}_{measure}"] = difference_text(_difference(at_size, HARD, EASY, measure, sparsity))
+        numbers[f"regime_{end}_verdict"] = _says(
+            _difference(at_size, HARD, EASY, "accuracy", sparsity), f"{easy} gives the higher accuracy",
+            f"{hard} gives the higher accuracy", f"the data do not show a difference in accuracy between {hard} and {easy}")
         keep = keep_ratio_table(_at(results, size))
         for rule in (HARD, EASY):
             if (rule, sparsity) in keep.index:
@@ -250,20 +242,8 @@ def keep_ratios_by_size(results: pd.DataFrame, labels: dict[str, str] | None = N
 
 
 def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per (rule, baseline, measure), one column per size: the paired difference with its 95 % t interval
-    and the paired test's p."""
-    labels = labels or {}
-    if differences.empty:
-        return pd.DataFrame()
-
-    def cell(row: pd.Series) -> str:
-        return _cell(row, "difference") + ("" if row["p"] != row["p"] else f", {p_value(row['p'])}")
-
-    frame = differences.assign(rule=differences["rule"].map(lambda r: labels.get(r, r)),
-                               vs=differences["baseline"].map(lambda r: labels.get(r, r)),
-                               measure=differences["measure"].map(MEASURES), text=differences.apply(cell, axis=1))
-    table = frame.pivot_table(index=["rule", "vs", "measure"], columns="train_size", values="text", aggfunc="first",
-                              sort=False)
+    """:func:`~datadiet_nb.report.differences_table` with one column per training-set size."""
+    table = report_differences_table(differences, labels, columns="train_size", measures=MEASURES)
     table.columns = [f"{size:,} per class" for size in table.columns]
     return table
 

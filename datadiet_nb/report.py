@@ -341,20 +341,23 @@ def bias_table(summary: pd.DataFrame, labels: dict[str, str] | None = None) -> p
     return pd.DataFrame(rows).set_index(["sparsity", "rule"])
 
 
-def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per (rule, baseline, measure), one column per sparsity: the paired difference with its 95 % t
-    interval and the paired test's p."""
+def difference_cell(row: pd.Series) -> str:
+    """``-0.012 [-0.020, -0.004], p = 0.010`` for a row of paired differences (a table cell)."""
+    return _cell(row, "difference") + ("" if row["p"] != row["p"] else f", {p_value(row['p'])}")
+
+
+def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None, *, columns: str = "sparsity",
+                      measures: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per (rule, baseline, measure), one column per value of ``columns`` (sparsity, or e.g. training-set
+    size): the paired difference with its 95 % t interval and the paired test's p; ``measures`` renames them."""
     labels = labels or {}
-
-    def cell(row: pd.Series) -> str:
-        return _cell(row, "difference") + ("" if row["p"] != row["p"] else f", {p_value(row['p'])}")
-
     if differences.empty:
         return pd.DataFrame()
     frame = differences.assign(rule=differences["rule"].map(lambda r: labels.get(r, r)),
                                vs=differences["baseline"].map(lambda r: labels.get(r, r)),
-                               text=differences.apply(cell, axis=1))
-    return frame.pivot_table(index=["rule", "vs", "measure"], columns="sparsity", values="text", aggfunc="first",
+                               measure=differences["measure"].map(lambda m: (measures or {}).get(m, m)),
+                               text=differences.apply(difference_cell, axis=1))
+    return frame.pivot_table(index=["rule", "vs", "measure"], columns=columns, values="text", aggfunc="first",
                              sort=False)
 
 
@@ -369,9 +372,7 @@ def area_table(areas: pd.DataFrame, differences: pd.DataFrame, labels: dict[str,
             line[title] = _cell(row.rename(lambda name: name.replace(f"{measure}_area", "value")), "value")
             match = differences[(differences["rule"] == row["score"]) & (differences["baseline"] == "random")
                                 & (differences["measure"] == measure)]
-            line[f"{title} vs random"] = "-" if match.empty else (
-                _cell(match.iloc[0], "difference") + ("" if match.iloc[0]["p"] != match.iloc[0]["p"]
-                                                      else f", {p_value(match.iloc[0]['p'])}"))
+            line[f"{title} vs random"] = "-" if match.empty else difference_cell(match.iloc[0])
         line["seeds"] = int(row["num_seeds"])
         rows.append(line)
     return pd.DataFrame(rows).set_index("rule")
