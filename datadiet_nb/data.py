@@ -67,10 +67,17 @@ class Dataset:
         return tuple(self.train_images.shape[1:])
 
     def with_train_per_class(self, per_class: int | None) -> "Dataset":
-        """The first ``per_class`` training examples of each class, native order kept; test set unchanged."""
+        """The first ``per_class`` training examples of each class, native order kept; test set unchanged. A size
+        larger than the smallest class is refused (the subset would no longer be class-balanced)."""
         if per_class is None:
             return self
         labels = self.train_labels.numpy()
+        class_sizes = np.bincount(labels, minlength=self.num_classes)
+        smallest = int(class_sizes.argmin())
+        if per_class > class_sizes[smallest]:
+            raise UserError(f"{per_class} training images per class is more than {self.name} has of class "
+                            f"{self.classes[smallest]!r} ({class_sizes[smallest]}): choose at most "
+                            f"{class_sizes[smallest]}")
         keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(self.num_classes)]))
         index = torch.from_numpy(keep)
         return replace(self, name=f"{self.name}[{per_class}/class]",

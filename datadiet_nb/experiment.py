@@ -23,8 +23,8 @@ from .errors import UserError
 from .metrics import bias_measures, class_accuracy, overall_accuracy
 from .presets import DENSE, PRUNING_SCORES, Preset
 from .provenance import provenance, resolve_device
-from .prune import (RULES, ccs_indices, check_sparsity, class_balanced_indices, class_keep_ratio, drop_indices,
-                    matched_random_indices, random_indices, select_indices)
+from .prune import (RULES, SELECTION_VERSION, ccs_indices, check_sparsity, class_balanced_indices, class_keep_ratio,
+                    drop_indices, matched_random_indices, random_indices, select_indices)
 from .scores import EPOCH_FUNCTIONS, SCORE_FUNCTIONS, forgetting_scores
 from .store import WAIT_POLL_S, Store, config_key, read_arrays, read_json, write_arrays, write_json
 from .train import Diverged, Shard, predict, train
@@ -401,6 +401,8 @@ def run_config(preset: Preset, dataset: Dataset, score: str, sparsity: float, se
     score = DENSE if sparsity == 0 else score
     config = {**_model_config(preset, dataset), "score": score, "sparsity": sparsity,
               "offset": preset.offset_at(sparsity), "seed": seed}
+    if sparsity > 0:
+        config["selection_version"] = SELECTION_VERSION
     if RULES.get(score) is not None:
         config["scores_key"] = config_key(scores_config(preset, dataset))
     if score == "ccs":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -19,18 +20,28 @@ RULES: dict[str, str | None] = {
     "forgetting": "forgetting",  # the most forgotten examples (Toneva et al.)
     "el2n-easy": "el2n", "grand-easy": "grand",  # the lowest scores: what pays when data is scarce (Sorscher et al.)
 }
+# Bumped whenever a rule's selection changes, so a stored pruned run is not reused for another selection
+# (2: fractions of N computed exactly from the sparsity as written; keep-easy is the complement of keep-hard at ties)
+SELECTION_VERSION = 2
 # the rules that rank the whole training set by a score, so that an offset (skip the hardest) applies
 OFFSET_RULES = ("el2n", "grand", "el2n-matched", "grand-matched", "forgetting")
 
 
-def round_half_up(count: float) -> int:
-    """A fractional number of examples to a whole one, halves rounded up (not to even, as Python's round)."""
-    return int(math.floor(count + 0.5))
+def as_written(fraction: float) -> Fraction:
+    """A float as the decimal it prints as (0.3 is 3/10, not the binary 0.29999999999999998889...)."""
+    return Fraction(repr(float(fraction)))
+
+
+def fraction_of(fraction: float, num_examples: int) -> int:
+    """round(fraction * N), halves rounded up, computed exactly from the fraction as written: 0.3 of 45 is 13.5,
+    and so 14."""
+    return math.floor(as_written(fraction) * num_examples + Fraction(1, 2))
 
 
 def num_kept(num_examples: int, sparsity: float) -> int:
-    """n_keep = round((1 - s) * N), halves rounded up."""
-    return round_half_up((1.0 - sparsity) * num_examples)
+    """n_keep = round((1 - s) N), halves rounded up, computed exactly: at s = 0.3, 45 examples keep 32 (31.5 rounded
+    up), where the float product (1 - 0.3) * 45 = 31.499999999999996 would give 31."""
+    return math.floor((1 - as_written(sparsity)) * num_examples + Fraction(1, 2))
 
 
 def check_sparsity(sparsity: float, offset: float = 0.0) -> None:
@@ -49,15 +60,17 @@ def hardest_first(scores: np.ndarray) -> np.ndarray:
 
 
 def easiest_first(scores: np.ndarray) -> np.ndarray:
-    """Positions of ``scores`` from the lowest score to the highest; of equal scores the lower position first."""
-    return np.lexsort((np.arange(len(scores)), scores))
+    """Positions of ``scores`` from the lowest score to the highest: :func:`hardest_first` reversed, so of equal
+    scores the higher position comes first, and the k easiest are exactly what the N - k hardest leave out."""
+    return hardest_first(scores)[::-1]
 
 
 def select_indices(scores, sparsity: float, *, offset: float = 0.0, easiest: bool = False) -> np.ndarray:
     """Indices (int64, ascending) of the round((1-s)N) highest scores (``easiest``: lowest), after skipping the
     first ``offset`` fraction of that order.
 
-    Ties are broken by index: of equal scores the lower index comes first in either order.
+    Ties are broken by index: of equal scores the hardest keep the lower index and the easiest the higher one,
+    so that keep-easy at k examples is the complement of keep-hard at N - k.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
@@ -68,7 +81,7 @@ def select_indices(scores, sparsity: float, *, offset: float = 0.0, easiest: boo
     n = len(scores)
     order = easiest_first(scores) if easiest else hardest_first(scores)
     keep = num_kept(n, sparsity)
-    start = min(round_half_up(offset * n), n - keep)
+    start = min(fraction_of(offset, n), n - keep)
     kept = order[start:start + keep]
     return np.sort(kept).astype(np.int64)
 
@@ -178,7 +191,7 @@ def ccs_bins(scores, beta: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
     round(beta N) examples, halves rounded up as in :func:`num_kept`."""
     scores = np.asarray(scores, dtype=np.float64)
     order = hardest_first(scores)
-    left = np.sort(order[round_half_up(beta * len(scores)):])
+    left = np.sort(order[fraction_of(beta, len(scores)):])
     low, high = scores[left].min(), scores[left].max()
     width = (high - low) / bins
     which = np.zeros(len(left), dtype=np.int64) if width == 0 else np.minimum(

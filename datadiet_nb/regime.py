@@ -230,7 +230,8 @@ def regime_table(summary: pd.DataFrame, labels: dict[str, str] | None = None) ->
 
 
 def keep_ratios_by_size(results: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
-    """Class keep ratios (mean over seeds) of each pruning rule at each size: one row per (size, rule)."""
+    """Class keep ratios (mean over seeds) of each pruning rule at each size: one row per (per class, rule) — per
+    (per class, rule, sparsity) when the records hold more than one pruned sparsity — one column per class."""
     labels = labels or {}
     frames = []
     for size in sizes_of(results):
@@ -238,7 +239,8 @@ def keep_ratios_by_size(results: pd.DataFrame, labels: dict[str, str] | None = N
         table = table[table["score"] != DENSE]
         frames.append(table.assign(**{"per class": size, "rule": table["score"].map(lambda r: labels.get(r, r))}))
     frame = pd.concat(frames, ignore_index=True)
-    return frame.drop(columns=["score", "sparsity"]).set_index(["per class", "rule"]).round(3)
+    index = ["per class", "rule"] + (["sparsity"] if frame["sparsity"].nunique() > 1 else [])
+    return frame.drop(columns=["score"] + [c for c in ["sparsity"] if c not in index]).set_index(index).round(3)
 
 
 def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:

@@ -348,8 +348,9 @@ def difference_cell(row: pd.Series) -> str:
 
 def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None, *, columns: str = "sparsity",
                       measures: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per (rule, baseline, measure), one column per value of ``columns`` (sparsity, or e.g. training-set
-    size): the paired difference with its 95 % t interval and the paired test's p; ``measures`` renames them."""
+    """One row per (rule, baseline, [sparsity,] measure), one column per value of ``columns`` (sparsity, or e.g.
+    training-set size): the paired difference with its 95 % t interval and the paired test's p; ``measures``
+    renames them. With another ``columns`` than sparsity, the rows name the sparsity when there is more than one."""
     labels = labels or {}
     if differences.empty:
         return pd.DataFrame()
@@ -357,8 +358,12 @@ def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None =
                                vs=differences["baseline"].map(lambda r: labels.get(r, r)),
                                measure=differences["measure"].map(lambda m: (measures or {}).get(m, m)),
                                text=differences.apply(difference_cell, axis=1))
-    return frame.pivot_table(index=["rule", "vs", "measure"], columns=columns, values="text", aggfunc="first",
-                             sort=False)
+    index = ["rule", "vs", "measure"]
+    if columns != "sparsity" and frame["sparsity"].nunique() > 1:
+        index.insert(2, "sparsity")
+    if frame.duplicated(index + [columns]).any():
+        raise ValueError(f"differences_table: more than one difference per {index + [columns]}")
+    return frame.pivot_table(index=index, columns=columns, values="text", aggfunc="first", sort=False)
 
 
 def area_table(areas: pd.DataFrame, differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:

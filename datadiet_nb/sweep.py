@@ -211,7 +211,11 @@ def _schedule(preset: Preset, dataset: Dataset, store: Store, execute: Callable[
                     continue
                 state, detail = job_state(store, job, num_scored)
                 needed = [job_state(store, by_key[k], num_scored)[0] for k in job.needs] if state != "done" else []
-                if state == "failed" or "failed" in needed or any(by_key[k].label in failures for k in job.needs):
+                # a need that failed in this sweep counts only while its output is missing: a scores notebook
+                # that fails in a figure after storing its scores leaves the scores usable
+                need_failed = any(by_key[k].label in failures and need != "done"
+                                  for k, need in zip(job.needs, needed))
+                if state == "failed" or "failed" in needed or need_failed:
                     failures[job.label] = detail or "a job it needs failed"
                 elif state == "running" or "running" in needed:
                     waiting.append(job)  # another process holds it (or a job it needs): come back later

@@ -46,9 +46,9 @@ def test_easy_selection_keeps_the_lowest_scores_by_hand():
 
 def test_easy_selection_breaks_ties_by_index_and_rounds_like_the_hard_rule():
     scores = np.array([1.0, 2.0, 2.0, 2.0, 1.0])
-    assert select_indices(scores, 0.8, easiest=True).tolist() == [0]  # of the two 1.0s, the lower index
-    assert select_indices(scores, 0.4, easiest=True).tolist() == [0, 1, 4]  # then the first of the 2.0s
-    assert select_indices(np.zeros(6), 0.5, easiest=True).tolist() == [0, 1, 2]  # same as the hard rule
+    assert select_indices(scores, 0.8, easiest=True).tolist() == [4]  # of the two 1.0s, the higher index
+    assert select_indices(scores, 0.4, easiest=True).tolist() == [0, 3, 4]  # then the last of the 2.0s
+    assert select_indices(np.zeros(6), 0.5, easiest=True).tolist() == [3, 4, 5]  # what the hard rule leaves
     assert len(select_indices(np.arange(7.0), 0.5, easiest=True)) == 4  # 3.5 rounds up, as num_kept
     rng = np.random.default_rng(1)
     values = rng.random(101)
@@ -57,10 +57,31 @@ def test_easy_selection_breaks_ties_by_index_and_rounds_like_the_hard_rule():
     assert np.intersect1d(hard, select_indices(values, 0.7, easiest=True)).size == 0  # 30 hardest vs 30 easiest
 
 
+def test_keep_easy_is_the_complement_of_keep_hard_at_ties():
+    scores = np.array([0.2, 0.5, 0.5, 0.5, 0.5, 0.9])
+    assert select_indices(scores, 0.5).tolist() == [1, 2, 5]
+    assert select_indices(scores, 0.5, easiest=True).tolist() == [0, 3, 4]
+    rounded = np.random.default_rng(0).integers(0, 4, size=40).astype(float)  # many ties
+    for keep in range(1, 40):  # sparsity 1 keeps nothing and is refused
+        hard = select_indices(rounded, 1 - keep / 40)
+        easy = select_indices(rounded, keep / 40, easiest=True)
+        assert len(hard) == keep and len(easy) == 40 - keep
+        assert sorted(np.concatenate([hard, easy]).tolist()) == list(range(40))
+
+
 def test_num_kept_rounds_half_up_and_survives_float_error():
     assert num_kept(1000, 0.9) == 100  # (1 - 0.9) * 1000 = 99.99999999999999
     assert num_kept(5, 0.5) == 3
     assert num_kept(10, 0.0) == 10
+    assert num_kept(45, 0.3) == 32  # (1 - 0.3) * 45 = 31.499999999999996 in floats, 31.5 exactly
+
+
+def test_num_kept_is_the_exact_decimal_rounding_for_every_small_set():
+    from fractions import Fraction
+    for sparsity in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.25, 0.75, 0.05):
+        for n in range(1, 2000):
+            exact = (1 - Fraction(str(sparsity))) * n
+            assert num_kept(n, sparsity) == int(exact + Fraction(1, 2)), (n, sparsity)
 
 
 @pytest.mark.parametrize("sparsity, offset, message", [

@@ -139,3 +139,21 @@ def test_the_recipe_note_names_how_the_study_departs_from_the_paper():
                            "K = 10 at epoch 20 of 200)")
     assert "training sets of 100, 300 and 1,000 images per class" in text
     assert regime.is_cifar10(presets.get("cifar10-cpu-regime")) and not regime.is_cifar10(presets.get("digits-regime"))
+
+
+def test_the_tables_keep_every_pruned_sparsity_apart():
+    """With two pruned sparsities, each gets its own rows: neither the differences nor the keep ratios of one hide
+    the other (the differences table used to show the first sparsity's cell alone)."""
+    half, more = fake_results(), fake_results()
+    more = more[more["score"] != "dense"].assign(sparsity=0.7, key=lambda f: f["key"] + "-0.7")
+    more.loc[more["score"] == "el2n", "keep_ratio"] = 0.9
+    results = pd.concat([half, more], ignore_index=True)
+    differences = regime.differences_by_size(results, [("el2n", "el2n-easy")])
+    table = regime.differences_table(differences)
+    assert list(table.index.names) == ["rule", "vs", "sparsity", "measure"]
+    assert len(table) == 2 * 3 and set(table.index.get_level_values("sparsity")) == {0.5, 0.7}
+    ratios = regime.keep_ratios_by_size(results)
+    assert list(ratios.index.names) == ["per class", "rule", "sparsity"] and not ratios.index.duplicated().any()
+    assert ratios.loc[(10, "el2n", 0.7), "c1"] == 0.9 and ratios.loc[(10, "el2n", 0.5), "c1"] == 0.7
+    single = regime.keep_ratios_by_size(half)
+    assert list(single.index.names) == ["per class", "rule"]

@@ -78,3 +78,22 @@ def test_runs_whose_scores_failed_unexpectedly_are_reported_not_waited_for(tmp_p
                         "grand-s0.5-seed0": "a job it needs failed"}
     done = {job.label for job in jobs(preset, dataset) if job_state(store, job, num_scored)[0] == "done"}
     assert done == {"scoring-run-seed1000", "dense-s0-seed0", "random-s0.5-seed0"}
+
+
+def test_a_need_that_fails_after_storing_its_output_does_not_fail_the_jobs_that_use_it(tmp_path):
+    """A scores job (e.g. a notebook) that stores its scores and then fails in a later cell: the runs that prune
+    by those scores still run, and only the scores job is reported failed."""
+    preset = presets.with_overrides(presets.get("digits"), ["sparsities=0,0.5", "seeds=0", "scoring.num_runs=1"])
+    dataset = load_dataset(preset)
+    store = Store(tmp_path / "runs")
+    num_scored = scored_dataset(preset, dataset).num_train
+
+    def execute(job) -> bool:
+        mark_done(store, job, num_scored)
+        if job.kind == "scores":
+            raise RuntimeError("a figure cell failed")
+        return True
+
+    failures = _schedule(preset, dataset, store, execute, extra_done=lambda job: True, progress=False, workers=2)
+    assert failures == {"scores": "RuntimeError: a figure cell failed"}
+    assert all(job_state(store, job, num_scored)[0] == "done" for job in jobs(preset, dataset))

@@ -103,6 +103,19 @@ def test_size_grids_that_cannot_work_are_refused(assignments, message):
         presets.with_overrides(presets.get("digits-regime"), assignments)
 
 
+def test_a_size_larger_than_the_smallest_class_is_refused_in_one_line(tmp_path, capsys):
+    """digits' smallest training class has 139 images (the first 1,437 of the 1,797, by class 8 or 3): 143
+    per class would silently train on fewer of that class."""
+    store = str(tmp_path / "runs")
+    argv = ["sweep", "--preset", "digits-regime", "--store", store, "--executor", "inline", "--quiet"]
+    assert main([*argv, "--set", "train_sizes=12,143"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "143 training images per class is more than" in err[0] and "choose at most" in err[0]
+    assert not any((tmp_path / "runs").rglob("*.json"))  # nothing trained or stored
+    with pytest.raises(UserError, match="choose at most"):
+        load_dataset(presets.with_overrides(presets.get("digits"), ["train_per_class=1000"]))
+
+
 def test_train_sizes_set_on_a_preset_without_them_are_whole_numbers():
     preset = presets.with_overrides(presets.get("digits"), ["train_sizes=5,10", "scoring.full_train=true"])
     assert preset.train_sizes == (5, 10) and preset.at_size(5).train_per_class == 5
