@@ -368,7 +368,8 @@ def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None =
 
 def area_table(areas: pd.DataFrame, differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per rule: the normalised areas under its worst-class and class-std curves with 95 % intervals, and
-    their paired differences from random pruning (95 % t interval, p)."""
+    their paired differences from random pruning (95 % t interval, p); a column of the sparsities a rule did not
+    run (so every area is over the grid all rules ran) where one did not."""
     labels = labels or {}
     rows = []
     for _, row in areas.iterrows():
@@ -379,5 +380,7 @@ def area_table(areas: pd.DataFrame, differences: pd.DataFrame, labels: dict[str,
                                 & (differences["measure"] == measure)]
             line[f"{title} vs random"] = "-" if match.empty else difference_cell(match.iloc[0])
         line["seeds"] = int(row["num_seeds"])
+        if areas["missing"].astype(bool).any():
+            line["not run at s ="] = row["missing"] or "-"
         rows.append(line)
     return pd.DataFrame(rows).set_index("rule")

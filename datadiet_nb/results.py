@@ -174,22 +174,31 @@ def normalised_area(sparsities, values, axis: int = -1) -> np.ndarray:
     return area / (sparsities[-1] - sparsities[0])
 
 
-def _curve_runs(results: pd.DataFrame, rule: str) -> tuple[list[float], list, pd.DataFrame]:
-    """(sparsities, seeds, runs) of one rule's curve: its runs at every sparsity it ran, starting from the dense
-    run of the same seed, over the seeds that ran at every point."""
-    own = results[results["score"] == rule]
-    sparsities = sorted(own["sparsity"].unique())
-    runs = pd.concat([results[results["score"] == DENSE].assign(sparsity=0.0), own]) if sparsities[0] > 0 else own
-    points = [0.0, *sparsities] if sparsities[0] > 0 else sparsities
+def area_grid(results: pd.DataFrame, rules: Iterable[str] | None = None) -> list[float]:
+    """The sparsities an area is taken over: 0 (the dense run) and every pruned sparsity that each of ``rules``
+    (default: every pruned rule in the records) ran, so that the areas compared cover the same range."""
+    rules = [rule for rule in (rules or dict.fromkeys(results["score"])) if rule != DENSE]
+    ran = [set(results.loc[results["score"] == rule, "sparsity"]) - {0.0} for rule in rules]
+    return sorted({0.0} | set.intersection(*ran)) if ran else [0.0]
+
+
+def _curve_runs(results: pd.DataFrame, rule: str, points: list[float]) -> tuple[list, pd.DataFrame]:
+    """(seeds, runs) of one rule's curve over ``points``: its runs there, starting from the dense run of the same
+    seed, over the seeds that ran at every point (none when a point is missing altogether)."""
+    own = results[(results["score"] == rule) & results["sparsity"].isin(points)]
+    runs = pd.concat([results[results["score"] == DENSE].assign(sparsity=0.0), own[own["sparsity"] > 0]])
     seeds = sorted(set.intersection(*[set(runs.loc[np.isclose(runs["sparsity"], s), "seed"]) for s in points]))
-    runs = runs[runs["seed"].isin(seeds)]
-    return points, seeds, runs
+    return seeds, runs[runs["seed"].isin(seeds)]
 
 
-def area_per_seed(results: pd.DataFrame, rule: str, measure: str) -> pd.Series:
+def area_per_seed(results: pd.DataFrame, rule: str, measure: str, points: list[float] | None = None) -> pd.Series:
     """Per seed, :func:`normalised_area` of a rule's ``measure`` (a :func:`~.metrics.spread` name) against
-    sparsity, from the dense run of the seed to the rule's highest sparsity."""
-    points, seeds, runs = _curve_runs(results, rule)
+    sparsity over ``points`` (default: :func:`area_grid` of the records), from the dense run of the seed on. Empty
+    when the rule misses a point of the grid."""
+    points = area_grid(results) if points is None else points
+    seeds, runs = _curve_runs(results, rule, points)
+    if not seeds:
+        return pd.Series([], dtype=np.float64, name=measure)
     per_run = run_measures(runs)
     table = per_run.pivot_table(index="seed", columns="sparsity", values=measure).loc[seeds, points]
     return pd.Series(normalised_area(points, table.to_numpy(), axis=1), index=seeds, name=measure)
@@ -197,37 +206,58 @@ def area_per_seed(results: pd.DataFrame, rule: str, measure: str) -> pd.Series:
 
 def summarize_areas(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES,
                     seed: int = stats.BOOTSTRAP_SEED) -> pd.DataFrame:
-    """One number per rule across the sparsity grid: the normalised area under its worst-class accuracy and its
-    class-std curves (dense run of each seed at s = 0), mean over seeds with a 95 % bootstrap interval (test images
-    drawn within each class, the same draw for every run of the rule, then the seeds)."""
+    """One row per pruned rule: the normalised area under its worst-class accuracy and its class-std curves over
+    the common grid (:func:`area_grid`: the dense run of each seed at s = 0 and every sparsity all rules ran), mean
+    over seeds with a 95 % bootstrap interval (test images drawn within each class, the same draw for every run of
+    the rule, then the seeds).
+
+    Columns: score, sparsities (points of the grid), num_seeds, missing (pruned sparsities of the preset's grid
+    the rule did not run, left out of every rule's area), then ``<measure>_area``, ``_lo``, ``_hi`` for worst and
+    std."""
+    rules = [s for s in dict.fromkeys(results["score"]) if s != DENSE]
+    points = area_grid(results, rules)
+    every = sorted(set(results["sparsity"]) - {0.0})
     rows = []
-    for rule in [s for s in dict.fromkeys(results["score"]) if s != DENSE]:
-        points, seeds, runs = _curve_runs(results, rule)
+    for rule in rules:
+        seeds, runs = _curve_runs(results, rule, points)
+        missing = sorted(set(every) - set(results.loc[results["score"] == rule, "sparsity"]))
+        row = {"score": rule, "sparsities": len(points), "num_seeds": len(seeds),
+               "missing": ", ".join(f"{s:g}" for s in missing)}
+        if len(points) < 2 or not seeds:
+            rows.append(row)
+            continue
         ordered = runs.sort_values(["sparsity", "seed", "class_index"])
         correct = [np.stack(list(group["correct"])) for _, group in ordered.groupby("class_index")]  # [P*S, n_c]
         rng = np.random.default_rng(seed)
         replicates = stats.bootstrap_class_accuracy(correct, samples=samples, rng=rng)  # [B, P*S, C]
-        row = {"score": rule, "sparsities": len(points), "num_seeds": len(seeds)}
         for measure in AREA_MEASURES:
-            per_seed = area_per_seed(results, rule, measure)
+            per_seed = area_per_seed(results, rule, measure, points)
             boot = spread(replicates)[measure].reshape(samples, len(points), len(seeds))
             areas = normalised_area(points, boot, axis=1)  # [B, S]
             row[f"{measure}_area"] = float(per_seed.mean())
             row[f"{measure}_area_lo"], row[f"{measure}_area_hi"] = stats.interval(
                 stats.seed_means(areas, rng))
         rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["score", "sparsities", "num_seeds", "missing"] + [
+        f"{measure}_area{end}" for measure in AREA_MEASURES for end in ("", "_lo", "_hi")]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def area_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
-    """For each (rule, baseline) pair, the difference of their normalised areas (:func:`area_per_seed`) over the
-    seeds both have: mean, 95 % t interval and the two-sided paired t-test p."""
+    """For each (rule, baseline) pair of pruned rules, the difference of their normalised areas
+    (:func:`area_per_seed`) over the sparsities both ran and the seeds both have: mean, 95 % t interval and the
+    two-sided paired t-test p. Pairs with the dense run (no curve) or with fewer than two common points are left
+    out. Columns: rule, baseline, measure, difference, difference_lo, difference_hi, p, num_seeds."""
     rows = []
     for rule, baseline in pairs:
-        if baseline in (DENSE, rule) or not {rule, baseline} <= set(results["score"]):
+        if DENSE in (rule, baseline) or rule == baseline or not {rule, baseline} <= set(results["score"]):
+            continue
+        points = area_grid(results, [rule, baseline])
+        if len(points) < 2:
             continue
         for measure in AREA_MEASURES:
-            mine, theirs = area_per_seed(results, rule, measure), area_per_seed(results, baseline, measure)
+            mine = area_per_seed(results, rule, measure, points)
+            theirs = area_per_seed(results, baseline, measure, points)
             seeds = sorted(set(mine.index) & set(theirs.index))
             diff = mine.loc[seeds].to_numpy() - theirs.loc[seeds].to_numpy()
             mean, lo, hi = stats.t_interval(diff)

@@ -70,3 +70,23 @@ def test_paired_differences_of_areas_are_t_tests_over_seeds():
     theirs = area_per_seed(made_results(), "random", "worst").to_numpy()
     assert row["difference"] == pytest.approx((mine - theirs).mean())
     assert row["p"] == pytest.approx(scipy_stats.ttest_rel(mine, theirs).pvalue) and row["num_seeds"] == 2
+
+
+def test_a_rule_missing_a_sparsity_is_compared_on_the_common_grid_and_named():
+    """el2n's run at 0.8 failed: its difference from random is taken over 0 and 0.4 for both (not el2n's short
+    range against random's full one), and its own area row names the missing point instead of a shorter area."""
+    hits = {key: value for key, value in HITS.items() if key != ("el2n", 0.8)}
+    results = made_results(hits)
+    row = area_differences(results, [("el2n", "random")]).query("measure == 'worst'").iloc[0]
+    mine = [normalised_area([0, 0.4], [0.8, 0.6]), normalised_area([0, 0.4], [0.9, 0.7])]
+    theirs = [normalised_area([0, 0.4], [0.8, 0.8]), normalised_area([0, 0.4], [0.9, 0.8])]
+    assert row["difference"] == pytest.approx(np.mean(np.subtract(mine, theirs)))  # -0.075, not -0.025
+    areas = summarize_areas(results, samples=50).set_index("score")
+    assert areas.loc["el2n", "missing"] == "0.8" and areas.loc["random", "missing"] == ""
+    assert (areas["sparsities"] == 2).all()  # every rule over the grid all of them ran
+    assert areas.loc["random", "worst_area"] == pytest.approx(np.mean(theirs))
+
+
+def test_the_dense_run_has_no_area_to_compare():
+    table = area_differences(made_results(), [("dense", "random"), ("random", "dense")])
+    assert table.empty
