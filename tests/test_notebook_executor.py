@@ -31,14 +31,23 @@ print(user, os.environ.get("DATADIET_LEAK"), os.getcwd(), sys.path[-1], len(warn
       logging.getLogger("datadiet_nb").level, len(logging.root.handlers), torch.get_num_threads(),
       torch.initial_seed() == 123, torch.backends.cudnn.conv.fp32_precision, plt.get_fignums(),
       matplotlib.rcParams["lines.linewidth"], "datadiet_nb.store" in sys.modules)
+import numpy
+print(torch.get_default_dtype(), torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
+      torch.is_anomaly_enabled(), torch.backends.cudnn.enabled, numpy.geterr()["divide"],
+      numpy.get_printoptions()["precision"], pandas.get_option("display.max_rows"), "leaky_module" in sys.modules)
 """
 CHANGE = """
-import datadiet_nb.store, random, numpy
+import datadiet_nb.store, pathlib, random, numpy, tempfile
 leaked = 1
 os.environ["DATADIET_LEAK"] = "1"; os.chdir("/"); sys.path.append("/leak"); warnings.simplefilter("ignore")
 logging.getLogger("datadiet_nb").setLevel(logging.DEBUG); logging.root.addHandler(logging.NullHandler())
 torch.set_num_threads(1); torch.manual_seed(123); torch.backends.cudnn.conv.fp32_precision = "ieee"
 plt.figure(); matplotlib.rcParams["lines.linewidth"] = 9
+torch.set_default_dtype(torch.float64); torch.set_grad_enabled(False); torch.use_deterministic_algorithms(True)
+torch.autograd.set_detect_anomaly(True); torch.backends.cudnn.enabled = False
+numpy.seterr(divide="raise"); numpy.set_printoptions(precision=2); pandas.set_option("display.max_rows", 3)
+folder = tempfile.mkdtemp(); pathlib.Path(folder, "leaky_module.py").write_text("X = 1")
+sys.path.insert(0, folder); import leaky_module
 """
 
 

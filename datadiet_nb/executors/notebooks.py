@@ -54,25 +54,39 @@ _fresh.state = dict(env=dict(os.environ), cwd=os.getcwd(), path=list(sys.path), 
                     torch_rng=torch.get_rng_state(), numpy_rng=numpy.random.get_state(), python_rng=random.getstate(),
                     rc=dict(matplotlib.rcParams), precision=torch.get_float32_matmul_precision(),
                     cudnn=(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-                           torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+                           torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision),
+                    cudnn_enabled=torch.backends.cudnn.enabled, dtype=torch.get_default_dtype(),
+                    grad=torch.is_grad_enabled(), deterministic=(torch.are_deterministic_algorithms_enabled(),
+                                                                  torch.is_deterministic_algorithms_warn_only_enabled()),
+                    anomaly=(torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+                    numpy_err=numpy.geterr(), numpy_print=numpy.get_printoptions())
 sys.modules["_datadiet_fresh"] = _fresh
 del _fresh
 gc.collect(); gc.freeze()
 """
-# Run before each notebook: the variables gone, the package's modules unloaded, every process-wide setting a
-# notebook can change (environment, working folder, sys.path, warning filters, loggers, torch threads and
-# precision, the torch, numpy and Python random states, matplotlib's settings and figures) as when fresh, and a
-# new history session (its cell counter at 1, as IPython's own reset with a new session does), which also
-# clears the variables of the last notebook and of this code.
+# Run before each notebook: the variables gone; the package's modules and any other module imported since the
+# kernel started from outside the installed libraries (a user's own module, say) unloaded; and these settings as
+# when fresh: environment, working folder, sys.path, warning filters, loggers; torch's threads, matmul precision,
+# cuDNN switches, default dtype, grad mode, deterministic-algorithms and anomaly modes, and random state (the CUDA
+# generators reseeded to torch's default seed where CUDA is in use); numpy's random state, error handling and
+# print options; Python's random state; pandas' options; matplotlib's settings and figures. Then a new history
+# session (its cell counter at 1, as IPython's own reset with a new session does), which also clears the
+# variables of the last notebook and of this code. What a notebook changes beyond these (another library's
+# global, a C extension's state) carries over; a kernel is replaced every RESTART_EVERY notebooks.
 # tests/test_notebook_executor.py checks each, and that records equal a fresh kernel's.
 RESET = """
-import logging, os, random, sys, warnings
-import numpy, torch, matplotlib, matplotlib.pyplot
+import logging, os, random, sys, sysconfig, warnings
+import numpy, pandas, torch, matplotlib, matplotlib.pyplot
 _state = sys.modules["_datadiet_fresh"].state
-for _name in [m for m in sys.modules if m not in _state["modules"] and (m == "datadiet_nb" or m.startswith("datadiet_nb."))]:
+_installed = tuple(os.path.realpath(sysconfig.get_paths()[_kind]) for _kind in ("stdlib", "platstdlib", "purelib", "platlib"))
+def _unload(_name):
+    if _name == "datadiet_nb" or _name.startswith("datadiet_nb."):
+        return True
+    _file = getattr(sys.modules.get(_name), "__file__", None)
+    return bool(_file) and not os.path.realpath(_file).startswith(_installed)
+for _name in [m for m in sys.modules if m not in _state["modules"] and _unload(m)]:
     del sys.modules[_name]
 os.environ.clear(); os.environ.update(_state["env"]); os.chdir(_state["cwd"]); sys.path[:] = _state["path"]
-warnings.filters[:] = _state["filters"]; warnings.resetwarnings() if not _state["filters"] else None
 for _name in set(logging.Logger.manager.loggerDict) - _state["loggers"]:
     del logging.Logger.manager.loggerDict[_name]
 logging.root.setLevel(_state["root"][0]); logging.root.handlers[:] = _state["root"][1]
@@ -81,6 +95,17 @@ numpy.random.set_state(_state["numpy_rng"]); random.setstate(_state["python_rng"
 torch.set_float32_matmul_precision(_state["precision"])
 (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.conv.fp32_precision,
  torch.backends.cuda.matmul.fp32_precision) = _state["cudnn"]
+torch.backends.cudnn.enabled = _state["cudnn_enabled"]; torch.set_default_dtype(_state["dtype"])
+torch.set_grad_enabled(_state["grad"]); torch.use_deterministic_algorithms(_state["deterministic"][0], warn_only=_state["deterministic"][1])
+torch.autograd.set_detect_anomaly(*_state["anomaly"])
+if torch.cuda.is_initialized():
+    torch.cuda.manual_seed_all(67280421310721)  # c10's default_rng_seed_val: a fresh process's CUDA seed
+numpy.seterr(**_state["numpy_err"]); numpy.set_printoptions(**_state["numpy_print"])
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pandas.reset_option("all")
+# last: torch.use_deterministic_algorithms adds a warning filter of its own the first time it is called
+warnings.filters[:] = _state["filters"]; warnings.resetwarnings() if not _state["filters"] else None
 matplotlib.pyplot.close("all")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
