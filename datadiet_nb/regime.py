@@ -14,7 +14,7 @@ from .errors import UserError
 from .presets import CIFAR10_CPU, DENSE, PAPER_RECIPE, PAPER_SCORING, Preset
 from .report import GlueText, _cell, _difference, _says, difference_text, top_keep_classes
 from .report import differences_table as report_differences_table
-from .results import _correct, keep_ratio_table, paired_differences, summarize
+from .results import _correct, keep_ratio_table, paired_differences, summarize, with_adjusted_p
 
 HARD, EASY = "el2n", "el2n-easy"
 PAPER_PER_CLASS = 5000  # the paper's CIFAR-10 training set: all 50,000 images
@@ -47,10 +47,11 @@ def regime_pairs(rules: list[str]) -> list[tuple[str, str]]:
 
 
 def differences_by_size(results: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
-    """:func:`~datadiet_nb.results.paired_differences` of accuracy, class std and worst class at each size."""
+    """:func:`~datadiet_nb.results.paired_differences` of accuracy, class std and worst class at each size, with
+    ``p_adjusted`` over every test of every size (one family: the chapter's table)."""
     frames = [paired_differences(_at(results, size), pairs, measures=tuple(MEASURES)).assign(train_size=size)
               for size in sizes_of(results)]
-    return pd.concat(frames, ignore_index=True)
+    return with_adjusted_p(pd.concat(frames, ignore_index=True))
 
 
 def crossing_point(sizes, gaps) -> float:

@@ -96,8 +96,8 @@ def headline_numbers(results: pd.DataFrame, summary: pd.DataFrame | None = None)
         numbers[f"{score}_class_std_50"] = GlueText(with_interval(row, "class_std") + where) if row is not None else na
         numbers[f"{score}_class_std_corrected_50"] = (GlueText(with_interval(row, "class_std_corrected") + where)
                                                       if row is not None else na)
-        numbers[f"{score}_std_p_50"] = p_value(row["std_below_dense_p"]) if row is not None else na
-        numbers[f"{score}_std_verdict_50"] = std_verdict(row["std_below_dense_p"]) if row is not None else na
+        numbers[f"{score}_std_p_50"] = p_value(row["std_below_dense_p_adjusted"]) if row is not None else na
+        numbers[f"{score}_std_verdict_50"] = std_verdict(row["std_below_dense_p_adjusted"]) if row is not None else na
         numbers[f"{score}_top_keep_classes"] = GlueText(top + where) if top else na
     return numbers
 
@@ -163,8 +163,8 @@ def summary_table(results: pd.DataFrame, labels: dict[str, str] | None = None,
              "accuracy": cell(row, "overall_accuracy"), "class std": cell(row, "class_std"),
              "class std (corrected)": cell(row, "class_std_corrected"),
              "worst class acc.": cell(row, "worst_class_accuracy"), "worst class": row["worst_class"],
-             "p (std < dense)": "-" if row["std_below_dense_p"] != row["std_below_dense_p"]
-             else f"{row['std_below_dense_p']:.3f}", "seeds": int(row["num_seeds"])}
+             "p (std < dense, Holm)": "-" if row["std_below_dense_p_adjusted"] != row["std_below_dense_p_adjusted"]
+             else f"{row['std_below_dense_p_adjusted']:.3f}", "seeds": int(row["num_seeds"])}
             for _, row in table.iterrows()]
     return pd.DataFrame(rows).set_index(["sparsity", "score"])
 
@@ -255,14 +255,24 @@ def bias_pairs(rules: list[str]) -> list[tuple[str, str]]:
 
 
 def difference_text(row: pd.Series | None, points: bool = True) -> GlueText:
-    """``-1.2 points (95 % CI -2.0 to -0.4, p = 0.010, 3 seeds)`` for a row of :func:`.results.paired_differences`."""
+    """``-1.2 points (95 % CI -2.0 to -0.4, p = 0.010, Holm-adjusted 0.040, 3 seeds)`` for a row of
+    :func:`.results.paired_differences`; without a test, the difference and why there is none."""
     if row is None:
         return GlueText("n/a (not run)")
     scale, unit = (100, " points") if points else (1, "")
+    value = f"{scale * row['difference']:+.1f}{unit}"
+    if row["p"] != row["p"] and row.get("reason"):
+        return GlueText(f"{value} ({row['reason']})")
     interval = ("" if row["difference_lo"] != row["difference_lo"] else
                 f"95 % CI {scale * row['difference_lo']:+.1f} to {scale * row['difference_hi']:+.1f}, ")
-    return GlueText(f"{scale * row['difference']:+.1f}{unit} ({interval}{p_value(row['p'])}, "
-                    f"{int(row['num_seeds'])} seeds)")
+    adjusted = "" if tested_p(row) == row["p"] else f", Holm-adjusted {p_value(tested_p(row)).removeprefix('p = ')}"
+    return GlueText(f"{value} ({interval}{p_value(row['p'])}{adjusted}, {int(row['num_seeds'])} seeds)")
+
+
+def tested_p(row: pd.Series) -> float:
+    """The p-value a verdict is read from: adjusted for the table's multiplicity where the row has it."""
+    adjusted = row.get("p_adjusted", float("nan"))
+    return row["p"] if adjusted != adjusted else adjusted
 
 
 def _difference(differences: pd.DataFrame, rule: str, baseline: str, measure: str, sparsity: float):
@@ -272,8 +282,9 @@ def _difference(differences: pd.DataFrame, rule: str, baseline: str, measure: st
 
 
 def _says(row: pd.Series | None, lower: str, higher: str, neither: str) -> GlueText:
-    """What a paired difference lets the text say: its direction only when p < ALPHA."""
-    if row is None or row["p"] != row["p"] or row["p"] >= ALPHA:
+    """What a paired difference lets the text say: its direction only when its adjusted p (:func:`tested_p`) is
+    below ALPHA."""
+    if row is None or tested_p(row) != tested_p(row) or tested_p(row) >= ALPHA:
         return GlueText(neither)
     return GlueText(lower if row["difference"] < 0 else higher)
 
@@ -307,7 +318,7 @@ def bias_numbers(summary: pd.DataFrame, differences: pd.DataFrame, labels: dict[
         rho = row["keep_error_spearman"]
         numbers["el2n_keep_error_rho"] = GlueText(
             f"{rho:.2f} (95 % CI {row['keep_error_spearman_lo']:.2f} to {row['keep_error_spearman_hi']:.2f})")
-        p = row["std_below_dense_p"]
+        p = row["std_below_dense_p_adjusted"]
         claim = "the claim of the poster that moderate pruning lowers the spread"
         at_point = f"at {100 * sparsity:.0f} % sparsity the spread under {el2n}"
         worst = _difference(differences, "el2n", DENSE, "worst", sparsity)
@@ -342,8 +353,11 @@ def bias_table(summary: pd.DataFrame, labels: dict[str, str] | None = None) -> p
 
 
 def difference_cell(row: pd.Series) -> str:
-    """``-0.012 [-0.020, -0.004], p = 0.010`` for a row of paired differences (a table cell)."""
-    return _cell(row, "difference") + ("" if row["p"] != row["p"] else f", {p_value(row['p'])}")
+    """``-0.012 [-0.020, -0.004], p = 0.040`` for a row of paired differences (a table cell; p adjusted for the
+    table's multiplicity where the row has it, see :func:`tested_p`), or ``+0.012 (no test: ...)``."""
+    if row["p"] != row["p"]:
+        return f"{row['difference']:+.3f}" + (f" (no test: {row['reason']})" if row.get("reason") else "")
+    return _cell(row, "difference") + f", {p_value(tested_p(row))}"
 
 
 def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None, *, columns: str = "sparsity",

@@ -67,23 +67,28 @@ def summarize(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAMPLES) 
     accuracy, the std of class accuracies (raw, and ``class_std_corrected`` for test-set noise), the worst class
     accuracy, the max - min gap, the coefficient of variation, the mean of the worst 10 % of classes, and against
     the dense run of the same seed the mean absolute change of class accuracy and the rank correlation of class
-    keep ratio with dense class error (NaN without dense runs); ``worst_class`` (the most frequent worst class), ``num_seeds``, and ``std_below_dense_p``: the one-sided
-    paired t-test (pruned vs dense run of the same seed) that the class std is below dense (NaN for the dense row
-    or with fewer than two paired seeds). See :mod:`datadiet_nb.stats` for the method."""
-    per_run = results.drop_duplicates("key").set_index(["score", "seed"])
-    dense_std = per_run.loc[DENSE, "class_std"] if DENSE in per_run.index.get_level_values(0) else pd.Series(dtype=float)
+    keep ratio with dense class error (NaN without dense runs); ``worst_class`` (the most frequent worst class),
+    ``num_seeds``, ``std_below_dense_p``: the one-sided paired test (pruned vs dense run of the same seed, seeds and
+    test set both counted: :func:`~datadiet_nb.stats.paired_difference`) that the class std is below dense (NaN for
+    the dense row or with fewer than two paired seeds), and ``std_below_dense_p_adjusted``: Holm's adjustment over
+    the table's rows. See :mod:`datadiet_nb.stats` for the method."""
+    dense_seeds = set(results.loc[results["score"] == DENSE, "seed"])
+    pruned_rules = [score for score in dict.fromkeys(results["score"]) if score != DENSE]
+    below_dense = paired_differences(results, [(score, DENSE) for score in pruned_rules], ["std"],
+                                     samples=samples, alternative="less").set_index(["rule", "sparsity"])
     rows = []
     for score, sparsity, runs in _groups(results):
         row = {k: v for k, v in stats.summarize_group(_correct(runs), samples=samples).items()
                if not PER_CLASS_KEY.fullmatch(k)}
         worst = runs.loc[runs.groupby("key")["class_accuracy"].idxmin(), "class"]
         seeds = sorted(runs["seed"].unique())
-        paired = [s for s in seeds if s in dense_std.index]
-        p = float("nan") if score == DENSE else stats.paired_below_p(
-            per_run.loc[[(score, s) for s in paired]].query("sparsity == @sparsity")["class_std"].to_numpy(),
-            dense_std.loc[paired].to_numpy())
+        paired = [s for s in seeds if s in dense_seeds]
+        test = below_dense.loc[(score, sparsity)] if (score, sparsity) in below_dense.index else None
         rows.append({"score": score, "sparsity": sparsity, **row, **_vs_dense(results, score, runs, paired, samples),
-                     "worst_class": worst.mode().iloc[0], "std_below_dense_p": p, "num_seeds": len(seeds)})
+                     "worst_class": worst.mode().iloc[0],
+                     "std_below_dense_p": float("nan") if test is None else test["p"],
+                     "std_below_dense_p_adjusted": float("nan") if test is None else test["p_adjusted"],
+                     "num_seeds": len(seeds)})
     table = pd.DataFrame(rows)
     return table.sort_values(["sparsity", "score"], ignore_index=True)
 
@@ -135,31 +140,62 @@ def run_measures(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The range of each measure a paired difference is taken of (the difference's interval is cut to the range of a
+# difference): accuracies in [0, 1]; the population std of values in [0, 1] is at most 1/2; the gap up to 1.
+MEASURE_RANGES = {"accuracy": (0.0, 1.0), "std": (0.0, 0.5), "worst": (0.0, 1.0), "best": (0.0, 1.0),
+                  "gap": (0.0, 1.0), "worst_10pct": (0.0, 1.0)}
+DIFFERENCE_COLUMNS = ["rule", "baseline", "sparsity", "measure", "difference", "difference_lo", "difference_hi", "p",
+                      "p_adjusted", "num_seeds", "test_share", "reason"]
+
+
+def class_measures(class_acc: np.ndarray, class_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """Per run (class accuracies on the last axis, [..., C]): the overall ``accuracy`` (classes weighted by their
+    test images) and :func:`~datadiet_nb.metrics.spread` of the class accuracies."""
+    sizes = np.asarray(class_sizes, dtype=np.float64)
+    return {"accuracy": (class_acc * sizes).sum(-1) / sizes.sum(), **spread(class_acc)}
+
+
 def paired_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]],
-                       measures: Iterable[str] = ("std", "worst")) -> pd.DataFrame:
+                       measures: Iterable[str] = ("std", "worst"), *, samples: int = stats.BOOTSTRAP_SAMPLES,
+                       seed: int = stats.BOOTSTRAP_SEED, alternative: str = "two-sided") -> pd.DataFrame:
     """For each (rule, baseline) pair and sparsity where both ran, the difference rule - baseline of each measure
-    over the seeds both have (runs of one seed paired): mean, 95 % t interval, and the two-sided paired t-test p
-    (NaN with fewer than two seeds or no spread in the differences). The baseline ``dense`` is the dense run of
-    the seed, whatever the rule's sparsity."""
-    per_run = run_measures(results).set_index(["score", "sparsity", "seed"]).sort_index()
+    over the seeds both have (runs of one seed paired): :func:`~datadiet_nb.stats.paired_difference`, whose error
+    counts the seeds and the test set (``samples`` test sets drawn within each class, the same draw for both runs
+    of every pair). The baseline ``dense`` is the dense run of the seed, whatever the rule's sparsity.
+
+    Columns: :data:`DIFFERENCE_COLUMNS` — ``p`` the test (two-sided, or ``alternative="less"``), ``p_adjusted`` Holm's adjustment over every
+    test of the frame (the family a table shows), ``reason`` why a row has no test."""
+    measures = list(measures)
     rows = []
     for rule, baseline in pairs:
-        for sparsity in sorted(set(per_run.loc[rule].index.get_level_values(0)) if rule in per_run.index else []):
+        for sparsity in sorted(results.loc[results["score"] == rule, "sparsity"].unique()):
             baseline_at = 0.0 if baseline == DENSE else sparsity
-            if (baseline, baseline_at) not in per_run.index.droplevel(2):
+            mine = results[(results["score"] == rule) & (results["sparsity"] == sparsity)]
+            theirs = results[(results["score"] == baseline) & (results["sparsity"] == baseline_at)]
+            seeds = sorted(set(mine["seed"]) & set(theirs["seed"]))
+            if theirs.empty or not seeds:
                 continue
-            mine, theirs = per_run.loc[(rule, sparsity)], per_run.loc[(baseline, baseline_at)]
-            seeds = sorted(set(mine.index) & set(theirs.index))
+            rule_hits = _correct(mine[mine["seed"].isin(seeds)].sort_values(["seed", "class_index"]))
+            baseline_hits = _correct(theirs[theirs["seed"].isin(seeds)].sort_values(["seed", "class_index"]))
+            hits = [np.concatenate(pair) for pair in zip(rule_hits, baseline_hits)]  # per class [2 seeds, n_c]
+            sizes = np.array([class_hits.shape[1] for class_hits in hits])
+            observed = class_measures(np.stack([h.mean(1) for h in hits], axis=1), sizes)
+            rng = np.random.default_rng(seed)
+            resampled = class_measures(stats.bootstrap_class_accuracy(hits, samples=samples, rng=rng), sizes)
+            n = len(seeds)
             for measure in measures:
-                diff = mine.loc[seeds, measure].to_numpy() - theirs.loc[seeds, measure].to_numpy()
-                mean, lo, hi = stats.t_interval(diff)
-                rows.append({"rule": rule, "baseline": baseline, "sparsity": sparsity, "measure": measure,
-                             "difference": mean, "difference_lo": lo, "difference_hi": hi,
-                             "p": stats.paired_two_sided_p(mine.loc[seeds, measure].to_numpy(),
-                                                           theirs.loc[seeds, measure].to_numpy()),
-                             "num_seeds": len(seeds)})
-    return pd.DataFrame(rows, columns=["rule", "baseline", "sparsity", "measure", "difference", "difference_lo",
-                                       "difference_hi", "p", "num_seeds"])
+                bounds = stats.difference_bounds(MEASURE_RANGES[measure])
+                row = stats.paired_difference(observed[measure][:n], observed[measure][n:],
+                                              resampled[measure][:, :n], resampled[measure][:, n:], bounds=bounds,
+                                              alternative=alternative)
+                rows.append({"rule": rule, "baseline": baseline, "sparsity": sparsity, "measure": measure, **row})
+    frame = pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+    return with_adjusted_p(frame)
+
+
+def with_adjusted_p(differences: pd.DataFrame) -> pd.DataFrame:
+    """The frame with ``p_adjusted``: Holm's adjustment of its ``p`` over all its rows (one family)."""
+    return differences.assign(p_adjusted=stats.holm(differences["p"].to_numpy(dtype=np.float64)))
 
 
 AREA_MEASURES = {"worst": "worst-class accuracy", "std": "std of class accuracies"}  # spread() names
@@ -243,11 +279,16 @@ def summarize_areas(results: pd.DataFrame, *, samples: int = stats.BOOTSTRAP_SAM
     return pd.DataFrame(rows, columns=columns)
 
 
-def area_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+def area_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]], *,
+                     samples: int = stats.BOOTSTRAP_SAMPLES, seed: int = stats.BOOTSTRAP_SEED) -> pd.DataFrame:
     """For each (rule, baseline) pair of pruned rules, the difference of their normalised areas
-    (:func:`area_per_seed`) over the sparsities both ran and the seeds both have: mean, 95 % t interval and the
-    two-sided paired t-test p. Pairs with the dense run (no curve) or with fewer than two common points are left
-    out. Columns: rule, baseline, measure, difference, difference_lo, difference_hi, p, num_seeds."""
+    (:func:`area_per_seed`) over the sparsities both ran and the seeds both have, as
+    :func:`~datadiet_nb.stats.paired_difference` (its error counts the seeds and the test set: ``samples`` test
+    sets drawn within each class, the same draw for every run of both curves). Pairs with the dense run (no curve)
+    or with fewer than two common points are left out.
+
+    Columns: rule, baseline, measure, difference, difference_lo, difference_hi, p, p_adjusted (Holm, over the
+    frame), num_seeds, test_share, reason."""
     rows = []
     for rule, baseline in pairs:
         if DENSE in (rule, baseline) or rule == baseline or not {rule, baseline} <= set(results["score"]):
@@ -255,15 +296,22 @@ def area_differences(results: pd.DataFrame, pairs: Iterable[tuple[str, str]]) ->
         points = area_grid(results, [rule, baseline])
         if len(points) < 2:
             continue
+        seeds = sorted(set(_curve_runs(results, rule, points)[0]) & set(_curve_runs(results, baseline, points)[0]))
+        curves = []
+        for name in (rule, baseline):
+            runs = _curve_runs(results, name, points)[1]
+            curves.append(_correct(runs[runs["seed"].isin(seeds)].sort_values(["sparsity", "seed", "class_index"])))
+        hits = [np.concatenate(pair) for pair in zip(*curves)]  # per class [2 * points * seeds, n_c]
+        sizes = np.array([class_hits.shape[1] for class_hits in hits])
+        observed = class_measures(np.stack([h.mean(1) for h in hits], axis=1), sizes)
+        rng = np.random.default_rng(seed)
+        resampled = class_measures(stats.bootstrap_class_accuracy(hits, samples=samples, rng=rng), sizes)
+        shape = (2, len(points), len(seeds))
         for measure in AREA_MEASURES:
-            mine = area_per_seed(results, rule, measure, points)
-            theirs = area_per_seed(results, baseline, measure, points)
-            seeds = sorted(set(mine.index) & set(theirs.index))
-            diff = mine.loc[seeds].to_numpy() - theirs.loc[seeds].to_numpy()
-            mean, lo, hi = stats.t_interval(diff)
-            rows.append({"rule": rule, "baseline": baseline, "measure": measure, "difference": mean,
-                         "difference_lo": lo, "difference_hi": hi,
-                         "p": stats.paired_two_sided_p(mine.loc[seeds].to_numpy(), theirs.loc[seeds].to_numpy()),
-                         "num_seeds": len(seeds)})
-    return pd.DataFrame(rows, columns=["rule", "baseline", "measure", "difference", "difference_lo", "difference_hi",
-                                       "p", "num_seeds"])
+            areas = normalised_area(points, observed[measure].reshape(shape), axis=1)  # [2, seeds]
+            boot = normalised_area(points, resampled[measure].reshape(samples, *shape), axis=2)  # [B, 2, seeds]
+            bounds = stats.difference_bounds(MEASURE_RANGES[measure])
+            row = stats.paired_difference(areas[0], areas[1], boot[:, 0], boot[:, 1], bounds=bounds)
+            rows.append({"rule": rule, "baseline": baseline, "measure": measure, **row})
+    columns = [column for column in DIFFERENCE_COLUMNS if column != "sparsity"]
+    return with_adjusted_p(pd.DataFrame(rows, columns=columns))

@@ -141,11 +141,79 @@ def paired_two_sided_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(scipy_stats.ttest_rel(a, b).pvalue)
 
 
-def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """Mean and Student-t interval of a few independent values (e.g. K scoring runs); NaN bounds for one."""
+def t_interval(values: np.ndarray, confidence: float = CONFIDENCE, *, bounds: tuple[float, float] | None = None
+               ) -> tuple[float, float, float]:
+    """Mean and Student-t interval of a few independent values (e.g. K scoring runs); NaN bounds for one.
+    ``bounds``: the range of the measure, which the interval is cut to (its coverage is kept: the true mean lies
+    in the range)."""
     values = np.asarray(values, dtype=np.float64)
     mean = float(values.mean())
     if len(values) < 2:
         return mean, float("nan"), float("nan")
     half = scipy_stats.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
+    return (mean, *within(mean - half, mean + half, bounds))
+
+
+def within(lo: float, hi: float, bounds: tuple[float, float] | None) -> tuple[float, float]:
+    """An interval cut to the range of its measure (unchanged without ``bounds``)."""
+    if bounds is None:
+        return float(lo), float(hi)
+    return float(max(lo, bounds[0])), float(min(hi, bounds[1]))
+
+
+def difference_bounds(measure_range: tuple[float, float]) -> tuple[float, float]:
+    """The range of a difference of two values of a measure with range ``measure_range``."""
+    width = measure_range[1] - measure_range[0]
+    return -width, width
+
+
+def paired_difference(values: np.ndarray, baseline: np.ndarray, replicates: np.ndarray,
+                      baseline_replicates: np.ndarray, *, bounds: tuple[float, float] | None = None,
+                      alternative: str = "two-sided", confidence: float = CONFIDENCE) -> dict[str, float]:
+    """The paired difference ``values - baseline`` (one value per seed, pairs by seed) with both sources of error:
+    the seeds' spread (training noise) and the test set's sampling (``replicates``: [B, seeds], the same measures
+    on B test sets drawn within each class, the same draw for both runs of a pair).
+
+    The standard error is sqrt(s_d^2 / n + Var_B(mean_d*)), the test statistic mean / se against Student's t with
+    n - 1 degrees of freedom (two-sided, or ``alternative="less"``: the difference is below zero), and the interval
+    mean +- t se, cut to ``bounds``. With fewer than two seeds, or no variation at all, ``p`` is NaN and ``reason``
+    says why. Keys: difference, difference_lo, difference_hi, p, num_seeds, se, test_share (the test set's share of
+    the variance), reason."""
+    values, baseline = np.asarray(values, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    diff = values - baseline
+    n = len(diff)
+    row = {"difference": float(diff.mean()) if n else float("nan"), "difference_lo": float("nan"),
+           "difference_hi": float("nan"), "p": float("nan"), "num_seeds": n, "se": float("nan"),
+           "test_share": float("nan"), "reason": ""}
+    if n < 2:
+        row["reason"] = f"{n} paired seed{'s' if n != 1 else ''}: a test needs at least 2"
+        return row
+    resampled_means = (np.asarray(replicates) - np.asarray(baseline_replicates)).mean(1)
+    test_var = float(resampled_means.var(ddof=1)) if len(resampled_means) > 1 else 0.0
+    seed_var = float(diff.var(ddof=1) / n)
+    se = float(np.sqrt(seed_var + test_var))
+    row["se"] = se
+    if se == 0:
+        row["reason"] = "identical in every seed and every resampled test set: nothing to test"
+        return row
+    row["test_share"] = test_var / (seed_var + test_var)
+    t = row["difference"] / se
+    df = n - 1
+    row["p"] = float(2 * scipy_stats.t.sf(abs(t), df) if alternative == "two-sided" else scipy_stats.t.cdf(t, df))
+    half = scipy_stats.t.ppf((1 + confidence) / 2, df) * se
+    row["difference_lo"], row["difference_hi"] = within(row["difference"] - half, row["difference"] + half, bounds)
+    return row
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate); NaN entries (no
+    test) stay NaN and are not counted in the family."""
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted

@@ -140,7 +140,7 @@ def test_results_page_has_every_figure_table_and_glued_number(book):
                    "el2n_std_verdict_50", "random_std_p_50"):
             assert str(value) in text, key
     assert "(95 % CI" in text and ("p = " in text or "p < 0.001" in text), "intervals and a computed p-value"
-    assert "worst class" in text and "class std (corrected)" in text and "p (std < dense)" in text  # the table
+    assert "worst class" in text and "class std (corrected)" in text and "p (std < dense, Holm)" in text  # the table
     assert "How stable are the scores?" in text and "EL2N@1: run vs run" in text
     assert "Test accuracy against data sparsity" in text
 

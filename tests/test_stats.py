@@ -52,10 +52,11 @@ def test_summary_means_spread_worst_class_and_seed_count_by_hand():
             assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"]
     dense_std = [np.array([h.mean() for h in hits[("dense", 0.0, s)]]).std() for s in (0, 1, 2)]
     el2n_std = [np.array([h.mean() for h in hits[("el2n", 0.5, s)]]).std() for s in (0, 1, 2)]
-    expected = scipy_stats.ttest_rel(el2n_std, dense_std, alternative="less").pvalue
-    assert table.loc["el2n", "std_below_dense_p"] == pytest.approx(expected)
+    seeds_alone = scipy_stats.ttest_rel(el2n_std, dense_std, alternative="less").pvalue
+    # the test counts the test set's sampling error too: never more confident than the seeds alone
+    assert seeds_alone <= table.loc["el2n", "std_below_dense_p"] < 0.05, "a clearly smaller spread is detected"
+    assert table.loc["el2n", "std_below_dense_p_adjusted"] == table.loc["el2n", "std_below_dense_p"]  # one test
     assert np.isnan(table.loc["dense", "std_below_dense_p"])
-    assert expected < 0.05, "a clearly smaller spread is detected"
 
 
 def test_the_paired_test_pairs_runs_by_seed():
@@ -141,7 +142,7 @@ def test_summarize_without_a_dense_run_has_no_p_values_and_exactly_its_columns()
     interval_columns = [f"{n}{suffix}" for n in stats.RUN_STATISTICS + stats.VS_DENSE_STATISTICS
                         for suffix in ("", "_lo", "_hi")]
     assert sorted(table.columns) == sorted(["score", "sparsity", *interval_columns, "worst_class",
-                                            "std_below_dense_p", "num_seeds"])
+                                            "std_below_dense_p", "std_below_dense_p_adjusted", "num_seeds"])
     for name in stats.RUN_STATISTICS:  # one bootstrap replicate: the requested size is used (zero width)
         assert table.loc[0, f"{name}_lo"] == table.loc[0, f"{name}_hi"]
     hits |= {("dense", 0.0, s): hits_with([0.9, 0.7], 40, rng) for s in (0, 1)}  # recorded after the pruned runs
