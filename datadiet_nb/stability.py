@@ -57,7 +57,7 @@ def keep_ratio_over_runs(runs: np.ndarray, labels: np.ndarray, sparsity: float, 
     pooled = class_keep_ratio(labels, select_indices(runs.mean(0), sparsity), len(classes))
     rows = []
     for c, name in enumerate(classes):
-        mean, lo, hi = stats.t_interval(per_run[:, c])
+        mean, lo, hi = stats.t_interval(per_run[:, c], bounds=(0.0, 1.0))  # a keep ratio is in [0, 1]
         rows.append({"class": name, "keep_ratio": float(pooled[c]), "run_mean": mean, "run_lo": lo, "run_hi": hi,
                      "run_min": float(per_run[:, c].min()), "run_max": float(per_run[:, c].max())})
     return pd.DataFrame(rows).sort_values("keep_ratio", ascending=False, ignore_index=True)
