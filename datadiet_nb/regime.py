@@ -54,26 +54,58 @@ def differences_by_size(results: pd.DataFrame, pairs: list[tuple[str, str]]) -> 
     return with_adjusted_p(pd.concat(frames, ignore_index=True))
 
 
-def crossing_point(sizes, gaps) -> float:
-    """Where a gap that changes sign between two sizes is zero, interpolated linearly in log size; the first such
-    point from the smallest size, a size where the gap is exactly zero, or NaN if the sign never changes."""
-    sizes, gaps = np.asarray(sizes, dtype=np.float64), np.asarray(gaps, dtype=np.float64)
+def _nonzero(sizes: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sizes and gaps in size order (a gap of exactly zero is a tie, not a side)."""
     order = np.argsort(sizes)
-    plain, gaps = sizes[order], gaps[order]
-    sizes = np.log(plain)
-    for i in range(len(sizes)):
-        if gaps[i] == 0:
-            return float(plain[i])
-        if i + 1 < len(sizes) and gaps[i] * gaps[i + 1] < 0:
-            return float(np.exp(sizes[i] + (sizes[i + 1] - sizes[i]) * gaps[i] / (gaps[i] - gaps[i + 1])))
-    return float("nan")
+    return sizes[order], gaps[order]
+
+
+def crossing_bracket(sizes, gaps) -> tuple[float, float]:
+    """The two measured sizes between which a gap first changes sign, from the smallest size on; a gap of exactly
+    zero is a tie, on neither side, so a gap that touches zero and comes back has not crossed. (NaN, NaN) if the
+    sign never changes."""
+    sizes, gaps = _nonzero(np.asarray(sizes, dtype=np.float64), np.asarray(gaps, dtype=np.float64))
+    sided = np.flatnonzero(gaps != 0)
+    for before, after in zip(sided[:-1], sided[1:]):
+        if gaps[before] * gaps[after] < 0:
+            return float(sizes[before]), float(sizes[after])
+    return float("nan"), float("nan")
+
+
+def crossing_point(sizes, gaps, *, log: bool = True) -> float:
+    """Where a gap first changes sign (:func:`crossing_bracket`), interpolated linearly in log size (``log``) or in
+    size between the two sizes that bracket it; where the gap is exactly zero at sizes in between, the (geometric)
+    middle of those sizes. NaN if the sign never changes."""
+    sizes, gaps = _nonzero(np.asarray(sizes, dtype=np.float64), np.asarray(gaps, dtype=np.float64))
+    low, high = crossing_bracket(sizes, gaps)
+    if low != low:
+        return float("nan")
+    i, j = int(np.flatnonzero(sizes == low)[0]), int(np.flatnonzero(sizes == high)[0])
+    if j > i + 1:  # measured ties in between: the curves meet there
+        return float(np.exp(np.log(sizes[i + 1:j]).mean())) if log else float(sizes[i + 1:j].mean())
+    x = np.log(sizes) if log else sizes
+    point = x[i] + (x[j] - x[i]) * gaps[i] / (gaps[i] - gaps[j])
+    return float(np.exp(point) if log else point)
 
 
 def sign_changes(gaps) -> int:
-    """How many times a gap changes sign from one size to the next (a zero counts as a change once)."""
+    """How many times a gap changes sign from one size to the next, ties (a gap of exactly zero) skipped."""
     signs = np.sign(np.asarray(gaps, dtype=np.float64))
-    signs = signs[signs != 0] if (signs != 0).any() else signs
-    return int((np.diff(signs) != 0).sum()) + int((np.asarray(gaps) == 0).any())
+    signs = signs[signs != 0]
+    return int((np.diff(signs) != 0).sum())
+
+
+def _resample_crossing(sizes: list[int], gaps: np.ndarray, above_sign: float) -> float:
+    """One bootstrap resample's crossing: its :func:`crossing_point`; where it does not cross in the range, -inf
+    if every size is on the side the observed curves reach above their crossing (it would cross below the range),
+    +inf if every size is on the side below it (above the range), NaN if it is tied at every size."""
+    point = crossing_point(sizes, gaps)
+    if point == point:
+        return point
+    signs = set(np.sign(gaps[gaps != 0]))
+    if not signs:
+        return float("nan")
+    return -np.inf if signs == {above_sign} else np.inf
 
 
 def _hits(results: pd.DataFrame, size: int, rule: str, sparsity: float, seeds: list) -> list[np.ndarray]:
@@ -86,10 +118,13 @@ def crossing(results: pd.DataFrame, *, hard: str = HARD, easy: str = EASY, spars
              samples: int = stats.BOOTSTRAP_SAMPLES, seed: int = stats.BOOTSTRAP_SEED) -> dict:
     """Where the accuracy of ``hard`` minus that of ``easy`` (runs of one seed paired) changes sign across sizes.
 
-    Returns the sizes, the gap at each (mean over the seeds both ran), the crossing (:func:`crossing_point`, NaN
-    if none), and its 95 % bootstrap interval over the replicates that cross (test images drawn with replacement
-    within each class, the same draw for every run, then the seeds), with the fraction of replicates that cross
-    within the range (an interval from fewer than 95 % of them is open on that side).
+    Returns the sizes, the gap at each (mean over the seeds both ran), the two measured sizes that bracket the
+    first crossing (``bracket``), the crossing interpolated linearly in log size (``point``, NaN if none) and in
+    size (``point_linear``), and a 95 % bootstrap interval (``lo``, ``hi``) over every resample (test images drawn
+    with replacement within each class, the same draw for every run, then the seeds): a resample that does not
+    cross in the range counts as crossing beyond the end its gaps point to (-inf or +inf, an open end when more
+    than 2.5 % of resamples fall there), one tied at every size as either end (the interval is conservative);
+    ``fraction_crossing`` is the share that cross within the range.
     """
     sizes = sizes_of(results)
     runs = results[np.isclose(results["sparsity"], sparsity)]
@@ -113,12 +148,20 @@ def crossing(results: pd.DataFrame, *, hard: str = HARD, easy: str = EASY, spars
     replicates = gaps_of(stats.bootstrap_class_accuracy(stacked, samples=samples, rng=rng))  # [B, sizes, seeds]
     drawn = rng.integers(len(seeds), size=(samples, len(seeds)))
     boot = np.take_along_axis(replicates, drawn[:, None, :], axis=2).mean(2)  # [B, sizes]
-    points = np.array([crossing_point(sizes, gap) for gap in boot])
-    crossed = points[~np.isnan(points)]
-    lo, hi = stats.interval(crossed) if len(crossed) else (float("nan"), float("nan"))
     gaps = observed.mean(1)
-    return {"sizes": sizes, "gaps": gaps, "point": crossing_point(sizes, gaps), "sign_changes": sign_changes(gaps),
-            "lo": lo, "hi": hi, "fraction_crossing": len(crossed) / samples, "num_seeds": len(seeds)}
+    point = crossing_point(sizes, gaps)
+    found = {"sizes": sizes, "gaps": gaps, "point": point, "point_linear": crossing_point(sizes, gaps, log=False),
+             "bracket": crossing_bracket(sizes, gaps), "sign_changes": sign_changes(gaps),
+             "lo": float("nan"), "hi": float("nan"), "num_seeds": len(seeds)}
+    first_sided = gaps[np.flatnonzero(gaps != 0)[:1]]
+    above_sign = -float(np.sign(first_sided[0])) if len(first_sided) else 1.0  # the observed side above a crossing
+    points = np.array([_resample_crossing(sizes, gap, above_sign) for gap in boot])
+    found["fraction_crossing"] = float(np.isfinite(points).sum() / samples)
+    if point == point:  # a resample tied at every size could cross anywhere: the bounds count it as either end
+        tail = 100 * (1 - stats.CONFIDENCE) / 2
+        found["lo"] = float(np.percentile(np.where(np.isnan(points), -np.inf, points), tail, method="lower"))
+        found["hi"] = float(np.percentile(np.where(np.isnan(points), np.inf, points), 100 - tail, method="higher"))
+    return found
 
 
 def _count(value: float) -> str:
@@ -129,52 +172,75 @@ def _sizes_text(sizes) -> str:
     return ", ".join(map(_count, sizes[:-1])) + f" and {_count(sizes[-1])}" if len(sizes) > 1 else _count(sizes[0])
 
 
+def _interval_text(found: dict) -> str:
+    """``95 % bootstrap interval 21–27`` with an open end where resamples do not cross within the range."""
+    low, high = _count(found["sizes"][0]), _count(found["sizes"][-1])
+    lo = f"below {low}" if found["lo"] == -np.inf else _count(found["lo"])
+    hi = f"above {high}" if found["hi"] == np.inf else _count(found["hi"])
+    return f"95 % bootstrap interval {lo} to {hi}"
+
+
 def crossing_text(found: dict, labels: dict[str, str]) -> GlueText:
-    """Where the two curves cross, with the interval, or that they do not cross in the range and who is ahead."""
+    """Where the two curves cross: between which measured sizes, where interpolation puts it (in log size and in
+    size), with the bootstrap interval (open where resamples do not cross in the range); or that they do not
+    cross in the range and who is ahead."""
     hard, easy = labels.get(HARD, HARD), labels.get(EASY, EASY)
     low, high = _count(found["sizes"][0]), _count(found["sizes"][-1])
+    share = f"{100 * found['fraction_crossing']:.0f} % of bootstrap resamples cross between {low} and {high}"
     if found["point"] != found["point"]:
-        ahead = hard if found["gaps"][0] > 0 else easy
-        share = f"; {100 * found['fraction_crossing']:.0f} % of bootstrap resamples cross" if found["lo"] == found["lo"] else ""
+        sided = found["gaps"][found["gaps"] != 0]
+        if not len(sided):
+            return GlueText(f"are tied at every size measured ({low} to {high} images per class)")
+        ahead = hard if sided[0] > 0 else easy
         return GlueText(f"do not cross between {low} and {high} images per class: {ahead} is ahead at every size "
-                        f"measured{share}")
-    direction = "behind below it and ahead above it" if found["gaps"][0] < 0 else "ahead below it and behind above it"
+                        f"measured where they differ; {share}")
+    first_sided = found["gaps"][found["gaps"] != 0][0]
+    direction = "behind below it and ahead above it" if first_sided < 0 else "ahead below it and behind above it"
     again = "" if found["sign_changes"] < 2 else f" (the first of {found['sign_changes']} crossings in the range)"
-    return GlueText(f"cross{again} at about {_count(found['point'])} images per class (95 % bootstrap interval "
-                    f"{_count(found['lo'])}–{_count(found['hi'])}; {100 * found['fraction_crossing']:.0f} % of "
-                    f"resamples cross between {low} and {high}), {hard} {direction}")
+    below, above = found["bracket"]
+    return GlueText(f"cross{again} between the measured sizes {_count(below)} and {_count(above)} images per "
+                    f"class, at about {_count(found['point'])} interpolated in log size ({_count(found['point_linear'])} "
+                    f"in size; {_interval_text(found)}; {share}), {hard} {direction}")
 
 
 def side_text(per_class: int, found: dict, labels: dict[str, str]) -> GlueText:
     """Which side of the crossing a training set of ``per_class`` images per class is on, as far as the measured
     range tells (outside it, an extrapolation, said as such)."""
     hard, easy = labels.get(HARD, HARD), labels.get(EASY, EASY)
-    sizes, gaps = found["sizes"], found["gaps"]
+    sizes, gaps = found["sizes"], np.asarray(found["gaps"])
     point, lo, hi = found["point"], found["lo"], found["hi"]
+    sided = gaps[gaps != 0]
     if per_class > sizes[-1] or per_class < sizes[0]:
         edge = sizes[-1] if per_class > sizes[-1] else sizes[0]
-        lead = hard if gaps[-1 if per_class > sizes[-1] else 0] > 0 else easy
+        gap = gaps[-1 if per_class > sizes[-1] else 0]
+        lead = f"{hard} is ahead" if gap > 0 else f"{easy} is ahead" if gap < 0 else "the two are tied"
         return GlueText(f"outside the range measured here ({_count(sizes[0])}–{_count(sizes[-1])}): at "
-                        f"{_count(edge)}, the nearest size, {lead} is ahead; which side {_count(per_class)} images "
+                        f"{_count(edge)}, the nearest size, {lead}; which side {_count(per_class)} images "
                         "per class are on is not measured here")
     if point != point:
-        return GlueText(f"on the side where {hard if gaps[0] > 0 else easy} pays: the curves do not cross in "
+        if not len(sided):
+            return GlueText("on neither side: the two are tied at every size measured")
+        return GlueText(f"on the side where {hard if sided[0] > 0 else easy} pays: the curves do not cross in "
                         "the range measured")
-    if lo == lo and lo <= per_class <= hi:
+    if lo <= per_class <= hi:
         return GlueText("within the interval of the crossing: too close to it to tell which side")
     below = per_class < point
-    lead = (easy if gaps[0] < 0 else hard) if below else (hard if gaps[0] < 0 else easy)
+    lead = (easy if sided[0] < 0 else hard) if below else (hard if sided[0] < 0 else easy)
     return GlueText(f"{'below' if below else 'above'} the crossing, on the side where {lead} pays")
 
 
 def regime_numbers(results: pd.DataFrame, labels: dict[str, str], found: dict | None = None, *,
-                   reference_per_class: int = REFERENCE_PER_CLASS, paper_per_class: int = PAPER_PER_CLASS,
-                   sparsity: float = 0.5) -> dict[str, GlueText]:
-    """The chapter's glued numbers and sentences, each worded from its test: the crossing, keep-hard minus
-    keep-easy (accuracy, class std, worst class) at the smallest and largest size, the classes each keeps most,
-    and the sides of the crossing of the ``cifar10-cpu`` study and of the paper."""
+                   differences: pd.DataFrame | None = None, reference_per_class: int = REFERENCE_PER_CLASS,
+                   paper_per_class: int = PAPER_PER_CLASS, sparsity: float = 0.5) -> dict[str, GlueText]:
+    """The chapter's glued numbers and sentences, each worded from its test (``differences``: the chapter's table
+    of :func:`differences_by_size`, whose Holm adjustment the verdicts read; by default that of
+    :func:`regime_pairs` of the rules in the records): the crossing, keep-hard minus keep-easy (accuracy, class
+    std, worst class) at the smallest and largest size, the classes each keeps most, the sizes where a rule keeps
+    no image of a class, the sizes where random pruning beats both, and the sides of the crossing of the
+    ``cifar10-cpu`` study and of the paper."""
     found = crossing(results, sparsity=sparsity) if found is None else found
-    differences = differences_by_size(results, [(HARD, EASY)])
+    if differences is None:
+        differences = differences_by_size(results, regime_pairs(list(dict.fromkeys(results["score"]))))
     hard, easy = labels.get(HARD, HARD), labels.get(EASY, EASY)
     sizes = found["sizes"]
     numbers = {"regime_sizes": GlueText(_sizes_text(sizes)),
@@ -198,7 +264,54 @@ def regime_numbers(results: pd.DataFrame, labels: dict[str, str], found: dict | 
             if (rule, sparsity) in keep.index:
                 numbers[f"regime_{end}_{rule.replace('-', '_')}_keeps"] = GlueText(
                     top_keep_classes(keep.loc[(rule, sparsity)]))
+    numbers["regime_deleted"] = deleted_text(deleted_classes(results, sparsity), labels)
+    numbers["regime_random_ahead"] = random_ahead_text(differences, sizes, labels, sparsity)
     return numbers
+
+
+def deleted_classes(results: pd.DataFrame, sparsity: float) -> pd.DataFrame:
+    """Where a pruning rule keeps no training image of a class: one row per (train_size, rule, class) with the
+    seeds in which it did (``seeds``) of how many ran (``of_seeds``)."""
+    pruned = results[np.isclose(results["sparsity"], sparsity) & (results["score"] != DENSE)]
+    rows = []
+    for (size, rule, name), group in pruned.groupby(["train_size", "score", "class"], sort=False):
+        emptied = group.loc[group["keep_ratio"] == 0, "seed"]
+        if len(emptied):
+            rows.append({"train_size": int(round(size)), "rule": rule, "class": name, "seeds": len(emptied),
+                         "of_seeds": group["seed"].nunique()})
+    return pd.DataFrame(rows, columns=["train_size", "rule", "class", "seeds", "of_seeds"])
+
+
+def deleted_text(deleted: pd.DataFrame, labels: dict[str, str]) -> GlueText:
+    """The sizes at which a rule deletes a class (keeps none of its training images), or that none does."""
+    if deleted.empty:
+        return GlueText("No rule deletes a class (keeps none of its training images) at any size.")
+    parts = []
+    for (size, rule), group in deleted.groupby(["train_size", "rule"], sort=True):
+        classes = ", ".join(f"{name} (in {seeds} of {of} seeds)" for name, seeds, of in
+                            zip(group["class"], group["seeds"], group["of_seeds"]))
+        parts.append(f"with {_count(size)} images per class, {labels.get(rule, rule)} keeps no training image of "
+                     f"class {classes}")
+    return GlueText("Deleted classes: " + "; ".join(parts) + ". There, the comparison is as much about which "
+                    "classes are left as about which examples.")
+
+
+def random_ahead_text(differences: pd.DataFrame, sizes: list[int], labels: dict[str, str], sparsity: float
+                      ) -> GlueText:
+    """The sizes at which random pruning has a higher accuracy than both keep-hard and keep-easy (each by its
+    adjusted paired test), or that it has at none."""
+    ahead = []
+    for size in sizes:
+        at_size = differences[differences["train_size"] == size]
+        verdicts = [_says(_difference(at_size, rule, "random", "accuracy", sparsity), "behind", "ahead", "")
+                    for rule in (HARD, EASY)]
+        if verdicts == ["behind", "behind"]:
+            ahead.append(size)
+    hard, easy = labels.get(HARD, HARD), labels.get(EASY, EASY)
+    if not ahead:
+        return GlueText(f"At no size measured is random pruning shown to beat both {hard} and {easy}.")
+    return GlueText(f"With {_sizes_text(ahead)} images per class, random pruning beats both {hard} and {easy} "
+                    "(adjusted paired tests): there, neither way of ranking by score pays.")
 
 
 def is_cifar10(preset: Preset) -> bool:

@@ -21,7 +21,7 @@ HITS = {
     (100, "el2n"): [(9, 9), (9, 8), (9, 9)], (100, "el2n-easy"): [(6, 6), (7, 6), (6, 6)],  # 18, 17, 18 vs 12, 13, 12
     (10, "dense"): [(8, 8)] * 3, (100, "dense"): [(10, 9)] * 3,
 }
-KEEP = {"el2n": (0.3, 0.7), "el2n-easy": (0.7, 0.3), "dense": (1.0, 1.0)}
+KEEP = {"el2n": (0.3, 0.7), "el2n-easy": (0.7, 0.3), "random": (0.5, 0.5), "dense": (1.0, 1.0)}
 
 
 def fake_results(hits: dict = HITS, repeat: int = 1) -> pd.DataFrame:
@@ -47,9 +47,20 @@ def test_crossing_point_interpolates_in_log_size():
     assert crossing_point([100, 10], [0.8 / 3, -0.15]) == pytest.approx(22.909, abs=0.001)  # any order of sizes
     assert crossing_point([10, 100, 1000], [0.1, 0.1, -0.1]) == pytest.approx(10 ** 2.5)
     assert crossing_point([10, 100, 1000], [-0.1, 0.1, -0.1]) == pytest.approx(10 ** 1.5)  # the first from below
-    assert crossing_point([10, 100, 1000], [-0.1, 0.0, 0.2]) == 100  # zero at a size
+    assert crossing_point([10, 100, 1000], [-0.1, 0.0, 0.2]) == pytest.approx(100)  # tied at a size in between
     assert math.isnan(crossing_point([10, 100, 1000], [0.1, 0.2, 0.05]))  # no sign change
     assert regime.sign_changes([-0.1, 0.1, -0.1]) == 2 and regime.sign_changes([0.1, 0.2]) == 0
+    assert crossing_point([10, 100], [-0.15, 0.8 / 3], log=False) == pytest.approx(10 + 90 * 0.15 / (0.15 + 0.8 / 3))
+    assert regime.crossing_bracket([10, 40, 100], [-0.1, -0.05, 0.1]) == (40, 100)
+
+
+def test_a_tie_is_not_a_crossing():
+    """A gap of exactly zero (likely: accuracies are multiples of 1/n) is on neither side."""
+    assert math.isnan(crossing_point([10, 100, 1000], [0.05, 0.0, 0.04]))  # a touch, not a crossing
+    assert regime.sign_changes([0.05, 0.0, 0.04]) == 0
+    assert regime.sign_changes([-0.05, 0.0, 0.04]) == 1  # through zero: one crossing, not two
+    assert regime.crossing_bracket([10, 100, 1000], [-0.05, 0.0, 0.04]) == (10, 1000)
+    assert math.isnan(crossing_point([10, 100], [0.0, 0.0]))
 
 
 def test_crossing_gaps_are_the_paired_accuracy_differences_by_hand():
@@ -98,7 +109,9 @@ def test_differences_per_size_are_paired_t_tests_of_the_runs_accuracies():
 def test_the_sentences_follow_the_tests():
     numbers = regime.regime_numbers(fake_results(repeat=100), {"el2n": "EL2N", "el2n-easy": "EL2N easy"})
     assert numbers["regime_sizes"] == "10 and 100"
-    assert numbers["regime_crossing"].startswith("cross at about 23 images per class (95 % bootstrap interval")
+    assert numbers["regime_crossing"].startswith("cross between the measured sizes 10 and 100 images per class, "
+                                                 "at about 23 interpolated in log size (42 in size; 95 % bootstrap "
+                                                 "interval ")
     assert numbers["regime_crossing"].endswith("EL2N behind below it and ahead above it")
     differences = regime.differences_by_size(fake_results(repeat=100), [("el2n", "el2n-easy")])
     accuracy = differences[differences["measure"] == "accuracy"].set_index("train_size")
@@ -169,3 +182,47 @@ def test_the_tables_keep_every_pruned_sparsity_apart():
     assert ratios.loc[(10, "el2n", 0.7), "c1"] == 0.9 and ratios.loc[(10, "el2n", 0.5), "c1"] == 0.7
     single = regime.keep_ratios_by_size(half)
     assert list(single.index.names) == ["per class", "rule"]
+
+
+def test_an_interval_from_resamples_that_often_do_not_cross_is_open():
+    """Gaps of one test image either way on 10 test images per class: most resamples do not cross in the range,
+    and the interval says so with an open end instead of a closed one from the resamples that cross."""
+    weak = {**HITS, (10, "el2n"): [(7, 7)] * 3, (10, "el2n-easy"): [(8, 7), (7, 8), (8, 7)],
+            (100, "el2n"): [(8, 7), (7, 8), (8, 7)], (100, "el2n-easy"): [(7, 7)] * 3}
+    found = crossing(fake_results(weak), samples=400)
+    assert found["point"] == found["point"] and found["fraction_crossing"] < 0.95
+    assert found["lo"] == -np.inf or found["hi"] == np.inf
+    text = crossing_text(found, {})
+    assert "below 10" in text or "above 100" in text
+    assert f"{100 * found['fraction_crossing']:.0f} % of bootstrap resamples cross between 10 and 100" in text
+
+
+def test_a_size_where_a_rule_deletes_a_class_is_named():
+    results = fake_results()
+    easy_small = (results["score"] == "el2n-easy") & (results["train_size"] == 10) & (results["class_index"] == 1)
+    results.loc[easy_small & (results["seed"] < 2), "keep_ratio"] = 0.0
+    deleted = regime.deleted_classes(results, 0.5)
+    assert deleted.to_dict("records") == [{"train_size": 10, "rule": "el2n-easy", "class": "c1", "seeds": 2,
+                                           "of_seeds": 3}]
+    text = regime.deleted_text(deleted, {"el2n-easy": "EL2N easy"})
+    assert "with 10 images per class, EL2N easy keeps no training image of class c1 (in 2 of 3 seeds)" in text
+    assert regime.deleted_text(regime.deleted_classes(fake_results(), 0.5), {}).startswith("No rule deletes")
+
+
+def test_random_ahead_of_both_rules_is_said_only_where_both_tests_say_so():
+    beaten = {  # five seeds: random is far ahead of both at 10 images per class, level with keep-hard at 100
+        (10, "el2n"): [(5, 5), (5, 6), (6, 7), (5, 5), (6, 6)], (10, "el2n-easy"): [(7, 7), (7, 7), (8, 7), (7, 8),
+                                                                                     (7, 7)],
+        (10, "random"): [(10, 10)] * 4 + [(10, 9)], (10, "dense"): [(10, 10)] * 5,
+        (100, "el2n"): [(9, 9), (9, 8), (9, 9), (9, 9), (8, 9)], (100, "el2n-easy"): [(6, 6), (7, 6), (6, 6), (6, 7),
+                                                                                       (6, 6)],
+        (100, "random"): [(9, 9), (9, 8), (9, 9), (8, 9), (9, 9)], (100, "dense"): [(10, 10)] * 5}
+    results = fake_results(beaten, repeat=100)
+    differences = regime.differences_by_size(results, regime.regime_pairs(["el2n", "el2n-easy", "random"]))
+    text = regime.random_ahead_text(differences, [10, 100], {"el2n": "EL2N", "el2n-easy": "EL2N easy"}, 0.5)
+    assert text.startswith("With 10 images per class, random pruning beats both EL2N and EL2N easy")
+    # at 100, random (18, 17, 18, 17, 18 of 20) is not ahead of keep-hard (18, 17, 18, 18, 17): not claimed there
+    assert "10 and 100" not in text
+    none = regime.random_ahead_text(regime.differences_by_size(fake_results(repeat=100), regime.regime_pairs(
+        ["el2n", "el2n-easy"])), [10, 100], {}, 0.5)
+    assert none.startswith("At no size measured is random pruning shown to beat both")
