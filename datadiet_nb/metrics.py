@@ -59,11 +59,20 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(norm > 0, (ra * rb).sum(-1) / np.where(norm > 0, norm, 1.0), np.nan)
 
 
+# Class keep ratios spanning less than this are flat: a class-balanced rule's ratios differ by rounding alone,
+# and a rank correlation of rounding with anything is noise.
+FLAT_KEEP_RATIO_RANGE = 0.02
+
+
 def change_vs_dense(class_acc: np.ndarray, dense_class_acc: np.ndarray,
                     keep_ratio: np.ndarray) -> dict[str, np.ndarray]:
     """A pruned run against the dense run of the same seed (last axis: classes): the mean absolute change of
     class accuracy, and the rank correlation between the run's class keep ratio and the dense class error
-    (positive: the rule keeps more of the classes the dense model gets wrong)."""
+    (positive: the rule keeps more of the classes the dense model gets wrong; NaN where the keep ratios are flat,
+    spanning less than :data:`FLAT_KEEP_RATIO_RANGE`)."""
     acc, dense = np.asarray(class_acc, dtype=np.float64), np.asarray(dense_class_acc, dtype=np.float64)
+    keep = np.broadcast_to(np.asarray(keep_ratio, dtype=np.float64), dense.shape)
+    correlation = rank_correlation(keep, 1.0 - dense)
+    flat = np.ptp(keep, axis=-1) < FLAT_KEEP_RATIO_RANGE
     return {"mean_abs_change": np.abs(acc - dense).mean(-1),
-            "keep_error_spearman": rank_correlation(np.broadcast_to(keep_ratio, dense.shape), 1.0 - dense)}
+            "keep_error_spearman": np.where(flat, np.nan, correlation)}

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -199,6 +200,13 @@ BIAS_MEASURES = {  # summary column -> panel title, for the bias chapter
 PANEL_SIZE = (3.6, 2.8)
 
 
+def shown_bias_measures(summary: pd.DataFrame) -> dict[str, str]:
+    """:data:`BIAS_MEASURES` less the mean of the worst 10 % of classes where it is the worst class itself (fewer
+    than 20 classes: the worst 10 % is one class), so no table or figure shows one measure twice."""
+    same = np.allclose(summary["worst_10pct_accuracy"], summary["worst_class_accuracy"], equal_nan=True)
+    return {name: title for name, title in BIAS_MEASURES.items() if not (same and name == "worst_10pct_accuracy")}
+
+
 def _rule_colors(rules: list[str]) -> dict[str, tuple]:
     return dict(zip(rules, sns.color_palette("tab20" if len(rules) > 10 else "tab10", len(rules))))
 
@@ -208,9 +216,10 @@ def bias_panels(summary: pd.DataFrame, *, labels: dict | None = None, columns: i
     names = {**SCORE_LABELS, **(labels or {})}
     rules = [s for s in SCORE_ORDER if s in set(summary["score"])]
     colors = _rule_colors(rules)
-    rows = -(-len(BIAS_MEASURES) // columns)
+    measures = shown_bias_measures(summary)
+    rows = -(-len(measures) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), sharex=True)
-    for ax, (value, title) in zip(axes.flat, BIAS_MEASURES.items()):
+    for ax, (value, title) in zip(axes.flat, measures.items()):
         relative = value in ("mean_abs_change", "keep_error_spearman")  # undefined for the dense run itself
         frame = summary[summary["score"] != DENSE] if relative else with_dense_start(summary)
         _bands(ax, frame, "score", value, rules, names, [colors[r] for r in rules])
@@ -218,7 +227,7 @@ def bias_panels(summary: pd.DataFrame, *, labels: dict | None = None, columns: i
         if len(dense) and not relative:
             ax.axhline(dense.mean(), color="0.4", linestyle="--", linewidth=1)
         ax.set_title(title, fontsize=9)
-    for ax in axes.flat[len(BIAS_MEASURES):]:
+    for ax in axes.flat[len(measures):]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("Data sparsity")
@@ -272,7 +281,7 @@ def keep_ratio_vs_dense_error(results: pd.DataFrame, summary: pd.DataFrame, spar
         row = summary[(summary["score"] == rule) & (summary["sparsity"] == sparsity)].iloc[0]
         rho = row["keep_error_spearman"]
         ax.set_title(f"{names.get(rule, rule)}: " + (
-            "rho undefined (every class kept alike)" if rho != rho else
+            "rho undefined (keep ratios flat)" if rho != rho else
             f"rho {rho:.2f} [{row['keep_error_spearman_lo']:.2f}, {row['keep_error_spearman_hi']:.2f}]"), fontsize=8)
     for ax in axes.flat[len(rules):]:
         ax.set_visible(False)

@@ -343,11 +343,12 @@ def _cell(row: pd.Series, name: str) -> str:
 
 def bias_table(summary: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Sparsity x rule, every bias measure with its 95 % interval (the bias chapter's summary)."""
-    from .plots import BIAS_MEASURES
+    from .plots import shown_bias_measures
 
     labels = labels or {}
+    measures = shown_bias_measures(summary)
     rows = [{"sparsity": row["sparsity"], "rule": labels.get(row["score"], row["score"]),
-             **{title: _cell(row, name) for name, title in BIAS_MEASURES.items()}, "seeds": int(row["num_seeds"])}
+             **{title: _cell(row, name) for name, title in measures.items()}, "seeds": int(row["num_seeds"])}
             for _, row in summary.iterrows()]
     return pd.DataFrame(rows).set_index(["sparsity", "rule"])
 

@@ -167,7 +167,12 @@ def test_bias_figures_have_a_panel_per_measure_and_per_rule():
             rows.append(row)
     summary = pd.DataFrame(rows)
     fig = plots.bias_panels(summary)
-    assert sum(ax.get_visible() for ax in fig.axes) == len(plots.BIAS_MEASURES)
+    # every value alike: the mean of the worst 10 % is the worst class, shown once
+    assert sum(ax.get_visible() for ax in fig.axes) == len(plots.BIAS_MEASURES) - 1
+    assert "Mean of the worst 10 % of classes" not in [ax.get_title() for ax in fig.axes]
+    distinct = summary.assign(worst_10pct_accuracy=0.55)
+    assert sum(ax.get_visible() for ax in plots.bias_panels(distinct).axes) == len(plots.BIAS_MEASURES)
+    assert report.bias_table(distinct).shape == (5, len(plots.BIAS_MEASURES) + 1)
     # one pruned sparsity: the panels against dense have one point per rule, each drawn with its interval
     fig = plots.bias_panels(summary[summary["sparsity"] != 0.3])
     relative = fig.axes[list(plots.BIAS_MEASURES).index("mean_abs_change")]
@@ -183,9 +188,9 @@ def test_bias_figures_have_a_panel_per_measure_and_per_rule():
     assert visible[0].get_title() == "EL2N: rho 0.50 [0.40, 0.60]"
     undefined = summary.assign(keep_error_spearman=np.where(summary["score"] == "random", np.nan, 0.5))
     fig = plots.keep_ratio_vs_dense_error(results_of(runs, keep={"el2n": [0.3, 0.9, 0.5]}), undefined, 0.5)
-    assert fig.axes[1].get_title() == "Random: rho undefined (every class kept alike)"
+    assert fig.axes[1].get_title() == "Random: rho undefined (keep ratios flat)"
     assert list(visible[0].collections[0].get_offsets()[:, 1]) == [0.3, 0.9, 0.5]
-    assert report.bias_table(summary).shape == (5, len(plots.BIAS_MEASURES) + 1)
+    assert report.bias_table(summary).shape == (5, len(plots.BIAS_MEASURES))  # no duplicate column
 
 
 def test_the_differences_table_has_a_row_per_comparison_and_a_column_per_sparsity():

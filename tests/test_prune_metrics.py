@@ -157,6 +157,10 @@ def test_change_vs_dense_by_hand():
     # reversed keep ratio ranks 3, 1, 2 against 2, 1, 3: d = 1, 0, -1, rho = 1 - 6 * 2 / (3 * 8) = 0.5
     assert change_vs_dense(acc, dense, keep[::-1])["keep_error_spearman"] == pytest.approx(0.5)
     assert np.isnan(change_vs_dense(acc, dense, np.full(3, 0.5))["keep_error_spearman"])  # a balanced rule: no ranking
+    # balanced up to rounding (6 of 12, 45 of 89, 50 of 101): flat, no rho; a spread of 0.02 or more has one
+    rounded = np.array([6 / 12, 45 / 89, 50 / 101])
+    assert np.ptp(rounded) < 0.02 and np.isnan(change_vs_dense(acc, dense, rounded)["keep_error_spearman"])
+    assert change_vs_dense(acc, dense, np.array([0.50, 0.49, 0.51]))["keep_error_spearman"] == pytest.approx(1.0)
     from scipy.stats import spearmanr
     rng = np.random.default_rng(0)
     a, b = rng.random((5, 10)), rng.random((5, 10))

@@ -42,7 +42,7 @@ def test_a_training_run_writes_a_complete_record_and_is_not_redone(tiny_digits, 
     ds = load_dataset(tiny_digits)
     record = train_run(tiny_digits, ds, "el2n", 0.5, 0, store)
     kept = store.load_kept(record["key"])
-    assert len(kept) == record["num_kept"] == num_kept(ds.num_train, 0.5) == 719  # 718.5 rounds half up
+    assert len(kept) == record["num_kept"] == num_kept(ds.num_train, 0.5) == 449  # 448.5 rounds half up
     assert len(record["predictions"]) == len(ds.test_labels) and len(record["class_accuracy"]) == 10
     for field in ("recipe", "scoring_seeds", "scores_key", "provenance", "full_preset", "train", "seconds"):
         assert field in record or field == "scoring_seeds"

@@ -104,8 +104,8 @@ def test_size_grids_that_cannot_work_are_refused(assignments, message):
 
 
 def test_a_size_larger_than_the_smallest_class_is_refused_in_one_line(tmp_path, capsys):
-    """digits' smallest training class has 139 images (the first 1,437 of the 1,797, by class 8 or 3): 143
-    per class would silently train on fewer of that class."""
+    """digits' smallest training class has 84 images (class 8): 143 per class would silently train on fewer of
+    that class."""
     store = str(tmp_path / "runs")
     argv = ["sweep", "--preset", "digits-regime", "--store", store, "--executor", "inline", "--quiet"]
     assert main([*argv, "--set", "train_sizes=12,143"]) == 2
