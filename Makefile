@@ -32,7 +32,7 @@ report: install
 	$(BIN)/datadiet-nb sweep --preset $(REGIME_PRESET) --store $(STORE) --executor inline --workers $(WORKERS) \
 		--chapters regime
 	$(BIN)/datadiet-nb sweep --preset $(BIAS_PRESET) --store $(STORE) --executor inline --workers $(WORKERS) \
-		--chapters bias,reproducibility
+		--chapters bias,reproducibility,findings
 	$(BIN)/jupyter-book build . --quiet
 	@echo "report: $(CURDIR)/_build/html/index.html"
 

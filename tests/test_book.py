@@ -32,7 +32,7 @@ SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits",
 # the bias chapter, as `make report` makes it: every rule, inline, then its chapter and the reproducibility appendix
 BIAS_SWEEP = [sys.executable, "-m", "datadiet_nb.cli", "sweep", "--preset", "digits-bias", "--store", "runs", "--quiet",
               *TINY, "--set", "scoring.epochs.forgetting=2", "--executor", "inline",
-              "--chapters", "bias,reproducibility"]
+              "--chapters", "bias,reproducibility,findings"]
 BIAS_FIGURES = ["bias_measures", "keep_vs_error"]
 # the regime chapter, as `make report` makes it (before the bias sweep, whose appendix then covers its runs)
 REGIME_OVERRIDES = [a for a in TINY if a != "--set"] + ["train_sizes=12,40"]
@@ -112,7 +112,7 @@ def test_the_sweep_wrote_every_notebook_without_errors(book):
     runs_expected = {f"digits/train/{run}-seed{seed}.ipynb" for seed in (0, 1)
                      for run in ("dense-s0", "el2n-s0.5", "grand-s0.5", "random-s0.5")}
     assert {"digits/scores.ipynb", "digits/analysis.ipynb", "digits-bias/bias.ipynb", "digits-regime/regime.ipynb",
-            "reproducibility.ipynb",
+            "reproducibility.ipynb", "findings.ipynb",
             *runs_expected} == names
     for path in executed:
         for cell in json.loads(path.read_text())["cells"]:
@@ -205,6 +205,21 @@ def test_book_has_method_appendix_and_reproducibility(book):
     repro = text_of(html_dir / "book" / "runs" / "reproducibility.html")
     assert "torch" in repro and "scoring" in repro and "training" in repro
     assert (html_dir / "book" / "runs" / "digits" / "train" / "el2n-s0.5-seed0.html").is_file()
+
+
+def test_the_findings_page_tests_each_claim_on_each_preset_from_the_records(book):
+    from datadiet_nb import findings
+
+    page = book / "_build" / "html" / "book" / "runs" / "findings.html"
+    text = text_of(page)
+    table = findings.findings_table(load_results(book / "runs"))  # recomputed here from every record of the store
+    assert set(table["preset"]) == {"digits", "digits-bias", "digits-regime (40 per class, the largest size)"}
+    for _, row in table.iterrows():
+        for column in ("claim", "result", "verdict"):
+            assert html.escape(row[column], quote=False) in page.read_text() or row[column] in text, row[column]
+    assert "not the paper's CIFAR-10 / ResNet-18" in text  # the scale the book holds, said
+    toc = text_of(book / "_build" / "html" / "book" / "intro.html")
+    assert toc.index("Findings") < toc.index("Method")  # first in the book, after the introduction
 
 
 def test_rerunning_the_sweep_trains_nothing(book):

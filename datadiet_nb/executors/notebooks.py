@@ -319,22 +319,23 @@ def run_sweep_notebooks(preset: Preset, overrides: list[str], store: Store, book
     return outcome
 
 
-CHAPTERS = ("analysis", "bias", "regime", "reproducibility")
+CHAPTERS = ("analysis", "bias", "regime", "reproducibility", "findings")
+STORE_CHAPTERS = ("reproducibility", "findings")  # of the whole store, not of one preset: under book_runs/
 
 
 def default_chapters(preset: Preset) -> list[str]:
     """The chapters a notebooks sweep executes: the results, the bias chapter when the preset compares rules
-    beyond the paper's, and the reproducibility appendix (of the whole store); a grid of training-set sizes gets
-    the regime chapter instead of the two others."""
+    beyond the paper's, and the findings page and the reproducibility appendix (of the whole store); a grid of
+    training-set sizes gets the regime chapter instead of the results and bias chapters."""
     if preset.train_sizes:
-        return ["regime", "reproducibility"]
-    return ["analysis", *(["bias"] if set(preset.scores) - set(PAPER_RULES) else []), "reproducibility"]
+        return ["regime", *STORE_CHAPTERS]
+    return ["analysis", *(["bias"] if set(preset.scores) - set(PAPER_RULES) else []), *STORE_CHAPTERS]
 
 
 def execute_chapters(preset: Preset, overrides: list[str], store: Store, book_runs: Path, chapters: list[str],
                      *, kernel: WarmKernel | KernelPool | None = None) -> None:
-    """Execute the book's chapter notebooks of a preset (``analysis``, ``bias``) into ``book_runs/<preset>/``, and
-    ``reproducibility`` into ``book_runs/``, from the runs in the store (a missing run is run in the kernel), in
+    """Execute the book's chapter notebooks of a preset (``analysis``, ``bias``, ``regime``) into
+    ``book_runs/<preset>/``, and the store's (:data:`STORE_CHAPTERS`) into ``book_runs/``, from the runs in the store (a missing run is run in the kernel), in
     ``kernel`` (a pool runs them at once) or a pool of their own."""
     if kernel is None:
         size = max(1, min(len(chapters), default_workers(preset)))
@@ -344,8 +345,8 @@ def execute_chapters(preset: Preset, overrides: list[str], store: Store, book_ru
     common = {"preset": preset.name, "store": str(Path(store.root).resolve()), "overrides": list(overrides)}
 
     def chapter(name: str) -> None:
-        if name == "reproducibility":
-            path, parameters = Path(book_runs) / "reproducibility.ipynb", {"store": common["store"]}
+        if name in STORE_CHAPTERS:
+            path, parameters = Path(book_runs) / f"{name}.ipynb", {"store": common["store"]}
         else:
             path, parameters = folder / f"{name}.ipynb", {**common, "figures": str((folder / "figures").resolve())}
         execute_notebook(name, path, parameters, scratch=store.checkpoint_path("notebooks"),
