@@ -93,6 +93,13 @@ def validation_config(preset: Preset, dataset: Dataset) -> dict:
             "seed": preset.seeds[0]}
 
 
+def validation_class_sizes(preset: Preset, dataset: Dataset) -> np.ndarray:
+    """How many validation images of each class :func:`validation_class_accuracy` measures on."""
+    labels = dataset.train_labels.numpy()
+    _, validation = validation_split(labels, VALIDATION_FRACTION, validation_config(preset, dataset)["seed"])
+    return np.bincount(labels[validation], minlength=dataset.num_classes)
+
+
 def validation_class_accuracy(preset: Preset, dataset: Dataset, store: Store, *, progress: bool = False) -> np.ndarray:
     """Each class's accuracy on a validation split of the training set, of a dense model trained on the rest.
 

@@ -230,6 +230,33 @@ def recipe_table(preset: Preset) -> pd.DataFrame:
     return flat.rename_axis("setting")
 
 
+def ranking_note(accuracy: pd.Series, sizes: np.ndarray) -> GlueText | None:
+    """None where a validation split's class accuracies (``accuracy``, on ``sizes`` images per class) spread beyond
+    their sampling noise (the 95 % lower bound of the noise-corrected std above zero), so they can rank the
+    classes; else the sentence that says why the best and worst classes are not drawn."""
+    from . import stats
+
+    lo, hi = stats.corrected_std_interval(accuracy.to_numpy(), sizes)
+    if lo > 0:
+        return None
+    return GlueText(f"The best and worst classes are not drawn: the validation split ({int(sizes.min())} to "
+                    f"{int(sizes.max())} images per class) cannot rank the classes, since the spread of its class "
+                    f"accuracies (noise-corrected std, 95 % interval {lo:.3f} to {hi:.3f}) is not shown to exceed "
+                    "its sampling noise; ranking them on the test set instead would show the classes whose test "
+                    "accuracy happened to come out low.")
+
+
+def plan_text(preset: Preset, states: list[str], store: str) -> str:
+    """What running a chapter computes, from the states of its preset's jobs (``sweep.status``): how many jobs
+    the grid has and how many are still to run."""
+    missing = sum(state != "done" for state in states)
+    head = f"Preset {preset.name}, store {store}: {len(states)} jobs (scoring runs, their mean and training runs)"
+    if not missing:
+        return head + ", all stored: nothing to train; the figures and tables below are computed from the records."
+    return (head + f", {missing} still to run: they run first (a progress bar follows), then the figures and "
+            "tables below are computed from the records.")
+
+
 def failures_note(failures: dict[str, str]):
     """A visible note naming the jobs that failed (and so are missing from every figure and table); None if none."""
     if not failures:

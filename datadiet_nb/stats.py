@@ -33,6 +33,16 @@ def corrected_std(class_acc: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(0.0, acc.var(-1) - noise))
 
 
+def corrected_std_interval(class_acc: np.ndarray, class_sizes: np.ndarray, *, samples: int = BOOTSTRAP_SAMPLES,
+                           seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95 % parametric bootstrap interval of :func:`corrected_std` for one set of class accuracies measured on
+    ``class_sizes`` images each (each replicate draws every class's hits from a binomial at its accuracy)."""
+    acc, sizes = np.asarray(class_acc, dtype=np.float64), np.asarray(class_sizes, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    drawn = rng.binomial(sizes, acc, size=(samples, len(acc))) / sizes
+    return interval(corrected_std(drawn, sizes))
+
+
 def run_statistics(class_acc: np.ndarray, class_sizes: np.ndarray) -> dict[str, np.ndarray]:
     """Per run (rows of ``class_acc`` [..., C]): overall accuracy, class std (raw and corrected), worst class,
     max - min gap, coefficient of variation and the mean of the worst 10 % of classes (see :func:`.metrics.spread`)."""

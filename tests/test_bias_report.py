@@ -205,3 +205,12 @@ def test_the_differences_table_has_a_row_per_comparison_and_a_column_per_sparsit
         "p"].min() else max(differences["p"].max(), 2 * differences["p"].min()))  # Holm over the table's 2 tests
     tiny = report.differences_table(differences.assign(p=1e-5, p_adjusted=2e-5))
     assert tiny.iloc[0, 0].endswith(", p < 0.001")
+
+
+def test_the_best_and_worst_classes_are_drawn_only_where_the_validation_split_can_rank_them():
+    spread = pd.Series([0.99, 0.98, 0.97, 0.6, 0.5, 0.55], index=list("abcdef"))
+    assert report.ranking_note(spread, np.full(6, 100)) is None
+    close = pd.Series([1.0, 1.0, 0.89, 1.0, 0.89, 1.0], index=list("abcdef"))  # one image of 9 apart
+    note = report.ranking_note(close, np.full(6, 9))
+    assert note.startswith("The best and worst classes are not drawn: the validation split (9 to 9 images per "
+                           "class) cannot rank the classes")
