@@ -127,6 +127,18 @@ def study_numbers(preset: Preset) -> dict[str, GlueText]:
             **{f"{s}_label": GlueText(labels[s]) for s in SCORES}}
 
 
+def scale_text(preset: Preset, train_labels: np.ndarray, test_labels: np.ndarray, num_seeds: int) -> GlueText:
+    """How large the study is: the model, the training and test images per class, and the seeds."""
+    def per_class(labels: np.ndarray) -> str:
+        counts = np.bincount(labels)
+        spread = f"{counts.min():,}" if counts.min() == counts.max() else f"{counts.min():,} to {counts.max():,}"
+        return f"{spread} per class ({len(labels):,} in all)"
+
+    options = ", ".join(f"{name} {value}" for name, value in preset.model_options.items())
+    return GlueText(f"{preset.model}{f' ({options})' if options else ''} on {preset.dataset}: training images "
+                    f"{per_class(train_labels)}, test images {per_class(test_labels)}, {num_seeds} seeds")
+
+
 def study_notes(preset: Preset):
     """What a reader must know about how this study departs from the paper's setting (Markdown), or None."""
     notes = []

@@ -214,3 +214,11 @@ def test_the_best_and_worst_classes_are_drawn_only_where_the_validation_split_ca
     note = report.ranking_note(close, np.full(6, 9))
     assert note.startswith("The best and worst classes are not drawn: the validation split (9 to 9 images per "
                            "class) cannot rank the classes")
+
+
+def test_the_results_page_states_the_scale_of_the_study():
+    from datadiet_nb import presets
+
+    text = report.scale_text(presets.get("digits"), np.array([0, 0, 0, 1, 1]), np.array([0, 0, 1, 1]), 5)
+    assert text == ("smallcnn (width 4) on digits: training images 2 to 3 per class (5 in all), test images 2 per "
+                    "class (4 in all), 5 seeds")
