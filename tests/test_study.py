@@ -142,7 +142,7 @@ def test_every_ingredient_of_a_run_changes_its_key(tiny_digits, monkeypatch):
 
     variants = {
         "base": key(),
-        "dataset size": key(dataset=ds.with_train_per_class(100)),
+        "dataset size": key(dataset=ds.with_train_per_class(50)),
         "model": key(presets.with_overrides(tiny_digits, ["model_options.width=8"])),
         "recipe": key(presets.with_overrides(tiny_digits, ["recipe.lr=0.02"])),
         "scoring": key(presets.with_overrides(tiny_digits, ["scoring.epoch=2"])),
