@@ -145,11 +145,11 @@ def findings_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def findings_display(table: pd.DataFrame) -> pd.DataFrame:
     """The table as the page prints it: p-values to three decimals (``-`` where there is no test), claim and
-    preset as the index."""
+    preset as the index; a Styler, so that no cell's text is cut short (pandas cuts long strings in its HTML)."""
     shown = table.copy()
     for column in ("p", "p_adjusted"):
         shown[column] = shown[column].map(lambda p: "-" if p != p else ("< 0.001" if p < 0.001 else f"{p:.3f}"))
-    return shown.rename(columns={"p_adjusted": "p (Holm)"}).set_index(["claim", "preset"])
+    return shown.rename(columns={"p_adjusted": "p (Holm)"}).set_index(["claim", "preset"]).style
 
 
 PAPER_DATASETS = ("cifar10", "cifar100")
@@ -172,7 +172,7 @@ def presets_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def scale_text(results: pd.DataFrame) -> str:
     """Which data the store's presets hold, and whether any is the paper's (CIFAR-10 or CIFAR-100)."""
-    datasets = sorted(set(results["dataset"]))
+    datasets = sorted({name.split("[")[0] for name in results["dataset"]})  # digits[40/class] is digits
     on_paper_data = [name for name in datasets if name.lower().startswith(PAPER_DATASETS) or "cifar" in name.lower()]
     held = ", ".join(sorted(set(results["preset"])))
     if not on_paper_data:

@@ -88,4 +88,5 @@ def test_a_preset_with_sizes_is_read_at_its_largest():
     table = findings.findings_table(results)
     assert set(table["preset"]) == {"r (84 per class, the largest size)"}
     shown = findings.findings_display(table)
-    assert list(shown.columns) == ["paper", "result", "p", "p (Holm)", "verdict"]
+    assert list(shown.data.columns) == ["paper", "result", "p", "p (Holm)", "verdict"]
+    assert table["result"].iloc[0] in shown.to_html()  # whole, not cut short
