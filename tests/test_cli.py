@@ -275,3 +275,10 @@ def test_the_cli_prints_warnings_on_the_current_stderr_and_leaves_logging_as_it_
     assert capsys.readouterr().err == "datadiet-nb: a warning from the package\n"
     assert [r.getMessage() for r in caplog.records] == ["a warning from the package"]  # a caller's logging sees it
     assert (list(logger.handlers), logger.propagate, logger.level) == before
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_every_built_in_preset_is_valid_as_shipped(name):
+    """A preset whose own settings contradict each other (e.g. forgetting counted over more epochs than its scoring
+    runs train) fails here, not at the start of `make report`."""
+    assert presets.get(name).validate() == presets.get(name)
