@@ -1,4 +1,4 @@
-"""The poster's three claims, each tested on the records of every preset in a store (the book's Findings page).
+"""The poster's three claims, each tested on the records of every study in a store (the book's Findings page).
 
 (i) The hardest classes keep the most data (paper Fig. 6: cat and dog, the worst classes of the dense CIFAR-10
 model, have the highest keep ratio). Tested: the one-sided Spearman correlation, over classes, of EL2N's class keep
@@ -10,8 +10,10 @@ lies above -:data:`EQUIVALENCE_MARGIN`.
 paired test of std below dense at every pruned sparsity up to :data:`SPREAD_RANGE_END`; it holds where one of them
 is significant.
 
-Every p-value of the page is adjusted together (Holm: the page is one family). A preset with a grid of
-training-set sizes is read at its largest size.
+Every p-value of the page is adjusted together (Holm: the page is one family). A study is a preset as its records
+hold it (with its overrides); its records are those of its grid, runs it shares with another preset included (a
+dense run trained once serves every preset with its config). A preset with a grid of training-set sizes is read at
+its largest size.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from .presets import DENSE
-from .results import paired_differences, with_adjusted_p
+import dataclasses
+
+from .experiment import load_dataset
+from .presets import DENSE, Preset, from_dict
+from .results import load_results, paired_differences, with_adjusted_p
+from .store import Store
 
 SCORE = "el2n"
 CLAIM_SPARSITY = 0.5  # "up to about 50 %": the claims are read at half the data
@@ -29,13 +35,10 @@ SPREAD_RANGE_END = 0.7  # the poster's "range of sparsities" for the spread, sea
 EQUIVALENCE_MARGIN = 0.02  # an accuracy within 2 points of dense counts as matching it
 ALPHA = 0.05
 
-CLAIMS = {
-    "keep": ("(i) The hardest classes keep the most data",
-             "Fig. 6: cat and dog, the worst classes of the dense model, have the highest keep ratio"),
-    "accuracy": ("(ii) Accuracy matches dense up to about 50 % sparsity",
-                 "Figs. 1-2: for a range of sparsities, training on the pruned data matches the full data"),
-    "spread": ("(iii) Some sparsity lowers the spread of class accuracies below dense",
-               "Fig. 5: for a range of sparsities the std of class accuracies is below dense"),
+CLAIMS = {  # claim -> (as the page names it, where the paper shows it)
+    "keep": ("(i) The hardest classes keep the most data", "Fig. 6 (cat and dog)"),
+    "accuracy": ("(ii) Accuracy matches dense up to about 50 % sparsity", "Figs. 1-2"),
+    "spread": ("(iii) Some sparsity lowers the spread of class accuracies below dense", "Fig. 5"),
 }
 COLUMNS = ["claim", "paper", "preset", "result", "p", "p_adjusted", "verdict"]
 
@@ -126,10 +129,43 @@ def _verdict(row: pd.Series) -> str:
     return "not shown: the adjusted test is not significant"
 
 
+def studies_in(store: Store) -> dict[str, Preset]:
+    """Every study whose runs are in the store, by name: the preset each run record holds (``full_preset``). The
+    runs of a grid of training-set sizes hold the preset at their size, and are put back together into it; a name
+    run with different settings gives one study per setting (``name``, ``name (2)``, ...)."""
+    by_name: dict[str, list[dict]] = {}
+    for record in store.records():
+        mapping = record["full_preset"]
+        if mapping not in by_name.setdefault(mapping["name"], []):
+            by_name[mapping["name"]].append(mapping)
+    studies = {}
+    for name, mappings in sorted(by_name.items()):
+        found = [from_dict(mapping) for mapping in mappings]
+        sizes = {preset.train_per_class for preset in found}
+        unsized = [dataclasses.replace(preset, train_per_class=None) for preset in found]
+        if len(found) > 1 and None not in sizes and all(preset == unsized[0] for preset in unsized):
+            studies[name] = dataclasses.replace(unsized[0], train_sizes=tuple(sorted(sizes)))  # one grid's sizes
+            continue
+        for index, preset in enumerate(found):
+            studies[name if index == 0 else f"{name} ({index + 1})"] = preset
+    return studies
+
+
+def study_results(store: Store, studies: dict[str, Preset]) -> pd.DataFrame:
+    """The records of each study's grid (load_results columns, ``preset`` set to the study's name)."""
+    from .sweep import jobs
+
+    frames = []
+    for name, preset in studies.items():
+        keys = [job.key for job in jobs(preset, load_dataset(preset)) if job.kind == "run"]
+        frames.append(load_results(store, keys=keys).assign(preset=name))
+    return pd.concat(frames, ignore_index=True) if frames else load_results(store, keys=[])
+
+
 def findings_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Every claim for every preset in ``results`` (load_results of a store): :data:`COLUMNS`, with ``p_adjusted``
-    Holm's adjustment over every test of the table. For claim (iii) only the sparsity with the lowest adjusted p is
-    kept (all of them count in the family)."""
+    """Every claim for every study in ``results`` (:func:`study_results`, one ``preset`` per study):
+    :data:`COLUMNS`, with ``p_adjusted`` Holm's adjustment over every test of the table. For claim (iii) only the
+    sparsity with the lowest adjusted p is kept (all of them count in the family)."""
     rows = []
     for preset, records in results.groupby("preset", sort=True):
         rows += preset_findings(records, preset)
@@ -152,32 +188,33 @@ def findings_display(table: pd.DataFrame) -> pd.DataFrame:
     return shown.rename(columns={"p_adjusted": "p (Holm)"}).set_index(["claim", "preset"]).style
 
 
-PAPER_DATASETS = ("cifar10", "cifar100")
+def presets_table(studies: dict[str, Preset], results: pd.DataFrame) -> pd.DataFrame:
+    """What each study trained: one row per study (the index) with columns dataset, model, training images per
+    class (before pruning; every size of a grid), test images per class, seeds, runs."""
+    def counts(labels: np.ndarray) -> str:
+        per_class = np.bincount(labels)
+        return f"{per_class.min():,}" if per_class.min() == per_class.max() else f"{per_class.min():,} to {per_class.max():,}"
 
-
-def presets_table(results: pd.DataFrame) -> pd.DataFrame:
-    """What each preset of the store trained: one row per preset (the index) with columns dataset, model, training
-    images per class (before pruning; a range for a grid of sizes), test images per class, seeds, runs."""
     rows = []
-    for preset, records in results.groupby("preset", sort=True):
-        sizes = sorted(records["train_size"].round().astype(int).unique())
-        test_sizes = records.drop_duplicates("class_index")["correct"].map(len)
-        rows.append({"preset": preset, "dataset": records["dataset"].iloc[0], "model": records["model"].iloc[0],
-                     "train images per class": f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}",
-                     "test images per class": f"{test_sizes.min():,}" if test_sizes.min() == test_sizes.max()
-                     else f"{test_sizes.min():,} to {test_sizes.max():,}",
+    for name, preset in studies.items():
+        dataset = load_dataset(preset)
+        train = (", ".join(f"{size:,}" for size in preset.train_sizes) if preset.train_sizes
+                 else counts(dataset.train_labels.numpy()))
+        records = results[results["preset"] == name]
+        rows.append({"study": name, "dataset": preset.dataset, "model": preset.model,
+                     "train images per class": train, "test images per class": counts(dataset.test_labels.numpy()),
                      "seeds": records["seed"].nunique(), "runs": records["key"].nunique()})
-    return pd.DataFrame(rows).set_index("preset")
+    return pd.DataFrame(rows).set_index("study")
 
 
-def scale_text(results: pd.DataFrame) -> str:
-    """Which data the store's presets hold, and whether any is the paper's (CIFAR-10 or CIFAR-100)."""
-    datasets = sorted({name.split("[")[0] for name in results["dataset"]})  # digits[40/class] is digits
-    on_paper_data = [name for name in datasets if name.lower().startswith(PAPER_DATASETS) or "cifar" in name.lower()]
-    held = ", ".join(sorted(set(results["preset"])))
+def scale_text(studies: dict[str, Preset]) -> str:
+    """Which data the store's studies train on, and whether any is the paper's kind (CIFAR-10 or CIFAR-100)."""
+    datasets = sorted({preset.dataset for preset in studies.values()})
+    on_paper_data = [name for name in datasets if "cifar" in name.lower()]
+    held = ", ".join(studies)
     if not on_paper_data:
-        return (f"This build holds the presets {held}, on {', '.join(datasets)}: small data and models, not the "
+        return (f"This build holds the studies {held}, on {', '.join(datasets)}: small data and models, not the "
                 "paper's CIFAR-10 / ResNet-18 or CIFAR-100 / ResNet-50. The verdicts below are about these studies; "
                 "they test the poster's claims, they do not reproduce its figures.")
-    return (f"This build holds the presets {held}, on {', '.join(datasets)}; of these, {', '.join(on_paper_data)} "
+    return (f"This build holds the studies {held}, on {', '.join(datasets)}; of these, {', '.join(on_paper_data)} "
             "is the paper's kind of data (check the model and the scale in the table before comparing numbers).")

@@ -241,6 +241,16 @@ def load_file(path: Path) -> Preset:
     return apply_mapping(preset, mapping, where=str(path)).validate()
 
 
+def from_dict(mapping: dict) -> Preset:
+    """The preset a :meth:`Preset.to_dict` mapping describes (e.g. a run record's ``full_preset``), validated."""
+    def without_none(table: dict) -> dict:
+        return {key: without_none(value) if isinstance(value, dict) else value
+                for key, value in table.items() if value is not None}
+
+    fields = without_none({key: value for key, value in mapping.items() if key != "name"})
+    return apply_mapping(Preset(name=mapping["name"], dataset="", model=""), fields, where="preset mapping").validate()
+
+
 def apply_mapping(preset: Preset, mapping: dict, *, where: str) -> Preset:
     """Set typed values (nested tables for the recipe, scoring and scoring.recipe); name any unknown key or wrong type."""
     return _replace_fields(preset, mapping, where=where, prefix="", root=preset)

@@ -90,3 +90,34 @@ def test_a_preset_with_sizes_is_read_at_its_largest():
     shown = findings.findings_display(table)
     assert list(shown.data.columns) == ["paper", "result", "p", "p (Holm)", "verdict"]
     assert table["result"].iloc[0] in shown.to_html()  # whole, not cut short
+
+
+def test_studies_are_read_back_from_the_store_with_the_runs_they_share(tmp_path):
+    """Three tiny sweeps on one store, as make report runs them: the regime grid is put back together from its
+    sized runs, and the bias study gets the dense runs that the digits sweep trained first (their records name
+    digits)."""
+    from datadiet_nb import presets
+    from datadiet_nb.store import Store
+    from datadiet_nb.sweep import run_sweep
+
+    tiny = ["recipe.epochs=1", "scoring.num_runs=1", "scoring.epoch=1", "scoring.trajectory=", "seeds=0,1",
+            "sparsities=0,0.5"]
+    store = Store(tmp_path / "runs")
+    digits = presets.with_overrides(presets.get("digits"), [*tiny, "scores=el2n"])
+    bias = presets.with_overrides(presets.get("digits-bias"), [*tiny, "scores=el2n,random",
+                                                               "scoring.epochs.forgetting=1"])
+    regime = presets.with_overrides(presets.get("digits-regime"), [*tiny, "train_sizes=8,16", "scores=el2n"])
+    for study in (digits, bias, regime):
+        run_sweep(study, store, progress=False)
+    studies = findings.studies_in(store)
+    assert studies == {"digits": digits, "digits-bias": bias, "digits-regime": regime}
+    results = findings.study_results(store, studies)
+    dense_of_bias = results[(results["preset"] == "digits-bias") & (results["score"] == "dense")]
+    assert dense_of_bias["seed"].nunique() == 2  # shared with digits, whose sweep trained them
+    assert set(results.loc[results["preset"] == "digits-regime", "train_size"].round()) == {8, 16}
+    table = findings.presets_table(studies, results)
+    assert table.loc["digits-regime", "train images per class"] == "8, 16"
+    assert table.loc["digits", "train images per class"] == "84 to 93" and table.loc["digits", "runs"] == 4
+    assert "small data and models, not the paper's" in findings.scale_text(studies)
+    rows = findings.findings_table(results)
+    assert not rows["verdict"].str.contains("no dense runs").any()
