@@ -164,12 +164,17 @@ def study_results(store: Store, studies: dict[str, Preset]) -> pd.DataFrame:
 
 def findings_table(results: pd.DataFrame) -> pd.DataFrame:
     """Every claim for every study in ``results`` (:func:`study_results`, one ``preset`` per study):
-    :data:`COLUMNS`, with ``p_adjusted`` Holm's adjustment over every test of the table. For claim (iii) only the
-    sparsity with the lowest adjusted p is kept (all of them count in the family)."""
+    :data:`COLUMNS`, with ``p_adjusted`` Holm's adjustment over every distinct test of the table (one that two
+    studies share counts once). For claim (iii) only the sparsity with the lowest adjusted p is kept (all of them
+    count in the family)."""
     rows = []
     for preset, records in results.groupby("preset", sort=True):
         rows += preset_findings(records, preset)
-    table = with_adjusted_p(pd.DataFrame(rows))
+    table = pd.DataFrame(rows)
+    # a test two studies share (the same runs: e.g. the bias study reuses the digits study's EL2N runs) counts once
+    # in the family
+    tests = with_adjusted_p(table.drop_duplicates(["claim", "result", "p"])[["claim", "result", "p"]])
+    table = table.merge(tests, on=["claim", "result", "p"], how="left")
     table["verdict"] = table.apply(_verdict, axis=1)
     best = table.sort_values("p_adjusted", na_position="last").drop_duplicates(["claim", "preset"])
     order = {claim: index for index, claim in enumerate(CLAIMS)}

@@ -121,3 +121,10 @@ def test_studies_are_read_back_from_the_store_with_the_runs_they_share(tmp_path)
     assert "small data and models, not the paper's" in findings.scale_text(studies)
     rows = findings.findings_table(results)
     assert not rows["verdict"].str.contains("no dense runs").any()
+
+
+def test_a_test_two_studies_share_counts_once_in_the_family():
+    alone = findings.findings_table(pd.DataFrame(study("a", el2n_shift=0.0, std_factor=0.5)))
+    twice = findings.findings_table(pd.DataFrame(study("a", el2n_shift=0.0, std_factor=0.5)
+                                                 + study("b", el2n_shift=0.0, std_factor=0.5)))
+    assert twice["p_adjusted"].tolist() == pytest.approx(alone["p_adjusted"].tolist() * 2)
