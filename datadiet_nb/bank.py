@@ -77,7 +77,7 @@ def export(preset: Preset, store: Store, out: Path, *, force: bool = False) -> d
         "scores": {name: {"shape": list(array.shape), "epoch": _epoch(preset, name),
                           "mean_of_runs": not name.endswith("_runs") and f"{name}_runs" in scores}
                    for name, array in scores.items()},
-        "num_runs": preset.scoring.num_runs, "scoring_seeds": list(preset.scoring.seeds), "scores_key": key,
+        "num_runs": preset.scoring.num_runs, "scoring_seeds": list(preset.scoring_seeds()), "scores_key": key,
         "kept": kept_entries, "config": config, "full_preset": preset.to_dict(),
         "scores_provenance": sidecar.get("provenance"),
         "exported": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()},

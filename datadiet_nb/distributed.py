@@ -170,7 +170,7 @@ def score(preset: presets.Preset, store: Store, shard: Shard, device: torch.devi
     names = score_array_names(preset)
     if _agree(shard.rank == 0 and store.load_scores(key, scored.num_train) is not None, shard):
         return compute_scores(preset, dataset, store) if shard.rank == 0 else None
-    for seed in preset.scoring.seeds:
+    for seed in preset.scoring_seeds():
         finished = scoring_run_file(store, key, seed)
         if _agree(shard.rank == 0 and _read_scores_file(finished, names, scored.num_train) is not None, shard):
             continue

@@ -62,8 +62,11 @@ def _model_config(preset: Preset, dataset: Dataset, recipe=None) -> dict:
 
 def scores_config(preset: Preset, dataset: Dataset) -> dict:
     """Everything that determines a preset's scores (and so their store key)."""
+    scoring = dataclasses.asdict(preset.scoring)
+    if not scoring["per_seed"]:
+        del scoring["per_seed"]  # the keys of shared scores stay what they were before per-seed scoring existed
     config = {**_model_config(preset, scored_dataset(preset, dataset), scoring_recipe(preset)),
-              "scoring": dataclasses.asdict(preset.scoring), "scoring_seeds": preset.scoring.seeds}
+              "scoring": scoring, "scoring_seeds": preset.scoring_seeds()}
     if counts_forgetting(preset):
         config["forgetting_epochs"] = preset.scoring.epoch_of("forgetting")
     return config
@@ -178,10 +181,12 @@ def _produce(store: Store, key: str, what: str, load: Callable[[], T | None], ma
 def compute_scores(preset: Preset, dataset: Dataset, store: Store, *, progress: bool = False) -> dict[str, np.ndarray]:
     """EL2N and GraNd of every example of the scored training set (:func:`scored_dataset`), cached.
 
-    Run k trains a fresh model with seed ``seed_offset + k`` on the scoring recipe and takes each score
-    at its epoch (``scoring.epoch_of``) from the un-augmented training set in native order, in eval mode.
-    Arrays: ``el2n`` and ``grand`` (means over the K runs), ``<name>_runs`` (each run's, [K, N]) and
-    ``el2n_at<e>_runs`` for the trajectory epochs. Every score taken is kept at once (and every run
+    Each scoring run (seeds: :meth:`~datadiet_nb.presets.Preset.scoring_seeds`) trains a fresh model on the
+    scoring recipe and takes each score at its epoch (``scoring.epoch_of``) from the un-augmented training set in
+    native order, in eval mode.
+    Arrays: ``el2n`` and ``grand`` (means over the runs), ``<name>_runs`` (each run's, [runs, N]),
+    ``el2n_at<e>_runs`` for the trajectory epochs, and with ``scoring.per_seed`` ``<name>_seed<t>``, the mean of
+    training seed t's own K runs (:func:`pruning_scores`). Every score taken is kept at once (and every run
     checkpointed while it trains), so an interrupted job resumes where it stopped.
     """
     config = scores_config(preset, dataset)
@@ -219,7 +224,8 @@ def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: st
     started = time.perf_counter()
     names = score_array_names(preset)
     per_run: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for seed in progress_bars.iterate(preset.scoring.seeds, enabled=progress, desc="scoring runs"):
+    seeds = preset.scoring_seeds()
+    for seed in progress_bars.iterate(seeds, enabled=progress, desc="scoring runs"):
         scores = compute_scoring_run(preset, dataset, store, seed, progress=progress)
         for name in names:
             per_run[name].append(scores[name])
@@ -228,11 +234,32 @@ def _score(preset: Preset, dataset: Dataset, store: Store, config: dict, key: st
         arrays[f"{name}_runs"] = np.stack(runs)
         if name in SCORE_FUNCTIONS or name == "forgetting":
             arrays[name] = arrays[f"{name}_runs"].mean(0)
+            if preset.scoring.per_seed:
+                for training_seed in preset.seeds:
+                    rows = [seeds.index(seed) for seed in preset.scoring_seeds_of(training_seed)]
+                    arrays[seed_scores_name(name, training_seed)] = arrays[f"{name}_runs"][rows].mean(0)
     store.save_scores(key, {**config, "key": key, "seconds": time.perf_counter() - started,
                             "provenance": provenance(device)}, arrays)
-    for seed in preset.scoring.seeds:
+    for seed in seeds:
         scoring_run_file(store, key, seed).unlink(missing_ok=True)
     return store.load_scores(key, dataset.num_train)
+
+
+def seed_scores_name(score: str, training_seed: int) -> str:
+    """The stored array of a score's mean over the scoring runs of one training seed (``scoring.per_seed``)."""
+    return f"{score}_seed{training_seed}"
+
+
+def pruning_scores(preset: Preset, scores: dict[str, np.ndarray], score: str, training_seed: int) -> np.ndarray:
+    """The scores that prune the runs of ``training_seed``: the mean of all scoring runs, or with
+    ``scoring.per_seed`` the mean of that seed's own (one of the preset's seeds)."""
+    if not preset.scoring.per_seed:
+        return scores[score]
+    if training_seed not in preset.seeds:
+        raise UserError(f"seed {training_seed} is not one of {preset.name}'s seeds {list(preset.seeds)}: with "
+                        "scoring.per_seed each seed is pruned by scoring runs of its own; add it (--set seeds=...) "
+                        "or share the scores (--set scoring.per_seed=false)")
+    return scores[seed_scores_name(score, training_seed)]
 
 
 def score_array_names(preset: Preset) -> list[str]:
@@ -254,7 +281,7 @@ def scoring_run_file(store: Store, scores_key: str, seed: int) -> Path:
 
 def compute_scoring_run(preset: Preset, dataset: Dataset, store: Store, seed: int,
                         *, progress: bool = False) -> dict[str, np.ndarray]:
-    """The arrays of the scoring run with ``seed`` (one of ``preset.scoring.seeds``), computed once under a claim.
+    """The arrays of the scoring run with ``seed`` (one of ``preset.scoring_seeds()``), computed once under a claim.
 
     Each run is a job of its own, so the K runs can train on K workers; once the scores are averaged,
     a run's arrays are read back from them.
@@ -272,7 +299,7 @@ def compute_scoring_run(preset: Preset, dataset: Dataset, store: Store, seed: in
         averaged = store.load_scores(key, scored.num_train)
         if averaged is None:
             return None
-        row = preset.scoring.seeds.index(seed)
+        row = preset.scoring_seeds().index(seed)
         return {name: averaged[f"{name}_runs"][row] for name in names}
 
     def make() -> dict[str, np.ndarray]:
@@ -283,8 +310,8 @@ def compute_scoring_run(preset: Preset, dataset: Dataset, store: Store, seed: in
         run_checkpoint(store, run_key).unlink(missing_ok=True)
         return scores
 
-    if seed not in preset.scoring.seeds:
-        raise UserError(f"seed {seed} is not a scoring seed of {preset.name}: {preset.scoring.seeds}")
+    if seed not in preset.scoring_seeds():
+        raise UserError(f"seed {seed} is not a scoring seed of {preset.name}: {preset.scoring_seeds()}")
     return _produce(store, scoring_run_key(key, seed), f"scoring run {seed}", load, make)
 
 
@@ -383,7 +410,7 @@ def kept_indices(preset: Preset, dataset: Dataset, score: str, sparsity: float, 
     labels, num_classes = dataset.train_labels.numpy(), dataset.num_classes
     scores = None
     if RULES[score] is not None:
-        scores = compute_scores(preset, dataset, store, progress=progress)[RULES[score]]
+        scores = pruning_scores(preset, compute_scores(preset, dataset, store, progress=progress), RULES[score], seed)
         if len(scores) != dataset.num_train:  # scored on the full training set; this one is a subset of it
             scores = scores[dataset.source_indices.numpy()]
     if score == "random":

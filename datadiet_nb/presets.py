@@ -12,7 +12,7 @@ from pathlib import Path
 from . import data, models
 from .errors import UserError
 from .prune import OFFSET_RULES, RULES, check_sparsity
-from .scores import Scoring
+from .scores import PER_SEED_STRIDE, Scoring
 from .train import Recipe
 
 PAPER_RULES = ("el2n", "grand", "random")  # what the paper compares; a preset's default
@@ -66,6 +66,8 @@ class Preset:
                                 f"{min(s for s in self.sparsities if s > 0):g} removes; lower ccs_beta")
         if not self.sparsities or not self.seeds:
             raise UserError("a preset needs at least one sparsity and one seed")
+        if self.scoring.per_seed and min(self.seeds) < 0:
+            raise UserError(f"scoring.per_seed needs seeds >= 0 (each names its own scoring runs), got {min(self.seeds)}")
         for sparsity in self.sparsities:
             check_sparsity(sparsity, self.offset_at(sparsity))
         if self.train_per_class is not None and self.train_per_class < 1:
@@ -91,6 +93,21 @@ class Preset:
         if self.checkpoint_epochs < 0:
             raise UserError(f"checkpoint_epochs must be >= 0, got {self.checkpoint_epochs}")
         return self
+
+    def scoring_seeds(self) -> list[int]:
+        """The seeds of every scoring run: the K of ``scoring.seeds``, or with ``scoring.per_seed`` the K of each
+        training seed (:meth:`scoring_seeds_of`), training seed by training seed."""
+        if not self.scoring.per_seed:
+            return self.scoring.seeds
+        return [seed for training_seed in self.seeds for seed in self.scoring_seeds_of(training_seed)]
+
+    def scoring_seeds_of(self, training_seed: int) -> list[int]:
+        """The seeds of the scoring runs whose mean prunes the runs of ``training_seed``: all of them, or with
+        ``scoring.per_seed`` its own K, ``seed_offset + PER_SEED_STRIDE * training_seed + k``."""
+        if not self.scoring.per_seed:
+            return self.scoring.seeds
+        first = self.scoring.seed_offset + PER_SEED_STRIDE * training_seed
+        return [first + k for k in range(self.scoring.num_runs)]
 
     def offset_at(self, sparsity: float) -> float:
         """The offset a run at ``sparsity`` uses: none for the dense run, which keeps every example."""
@@ -137,12 +154,13 @@ CIFAR10_CPU_RECIPE = Recipe(epochs=15, batch_size=128, lr=0.1, schedule="onecycl
 # digits: the embedded default, in seconds on a CPU. 90 test images per class (one image is 1.1 points of a
 # class's accuracy) and a small CNN of width 4 trained 10 epochs: about 95 % dense accuracy, with classes 1, 8
 # and 9 behind, so the spread of class accuracies is measurable above test-set noise (a width-16 model reaches
-# 98-99 % and leaves no spread to study). 5 seeds.
+# 98-99 % and leaves no spread to study). 5 seeds, each pruned by K = 4 scoring runs of its own, so that the
+# intervals over seeds count the scoring runs' variability too.
 DIGITS = Preset(
     name="digits", dataset="digits", model="smallcnn", model_options={"width": 4},
     recipe=Recipe(epochs=10, batch_size=64, lr=0.05, schedule="onecycle", augment=False),
-    scoring=Scoring(epoch=2, num_runs=4, trajectory=(0, 1)), sparsities=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9),
-    seeds=(0, 1, 2, 3, 4), device="cpu",
+    scoring=Scoring(epoch=2, num_runs=4, trajectory=(0, 1), per_seed=True),
+    sparsities=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9), seeds=(0, 1, 2, 3, 4), device="cpu",
 )
 # Every pruning rule side by side on digits (the bias chapter). Trimmed to 4 sparsities so that `make report`
 # stays within 5 minutes; forgetting is counted over the whole scoring run (the recipe's 10 epochs).

@@ -121,9 +121,10 @@ def top_keep_classes(keep_ratio: pd.Series) -> str:
 def study_numbers(preset: Preset) -> dict[str, GlueText]:
     """What the text says about how the study was run: the budget rule and each score's name with its epoch."""
     labels = score_labels(preset)
+    each = " of its own for each training seed" if preset.scoring.per_seed else ""
     return {"budget": GlueText(BUDGET_TEXT[preset.recipe.budget]),
             "score_epochs": GlueText(", ".join(f"{labels[s]} (epoch {preset.scoring.epoch_of(s)} of the scoring "
-                                               f"runs, K = {preset.scoring.num_runs})" for s in SCORES)),
+                                               f"runs, K = {preset.scoring.num_runs}{each})" for s in SCORES)),
             **{f"{s}_label": GlueText(labels[s]) for s in SCORES}}
 
 

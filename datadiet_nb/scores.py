@@ -23,6 +23,9 @@ SCORES = ("el2n", "grand")
 SCORE_NAMES = {"el2n": "EL2N", "grand": "GraNd"}
 
 
+PER_SEED_STRIDE = 100  # with per_seed, training seed t's scoring runs use seeds seed_offset + 100 t + k
+
+
 @dataclass(frozen=True)
 class Scoring:
     """How scores are taken: K = ``num_runs`` scoring runs trained with ``recipe`` (None: the preset's
@@ -30,7 +33,8 @@ class Scoring:
 
     ``trajectory`` adds epochs at which each run's EL2N is also recorded, to show how the ranking
     settles (the stability section); ``full_train`` scores the whole training set even when the preset
-    trains on a class-balanced subset of it.
+    trains on a class-balanced subset of it; ``per_seed`` gives each training seed K scoring runs of its own,
+    so that the scoring runs' variability reaches the intervals over seeds.
     """
 
     epoch: int = 20
@@ -41,6 +45,7 @@ class Scoring:
     epochs: dict[str, int] = field(default_factory=dict)
     trajectory: tuple[int, ...] = ()
     full_train: bool = False
+    per_seed: bool = False  # each training seed prunes by K scoring runs of its own (see Preset.scoring_seeds)
 
     @property
     def seeds(self) -> list[int]:
@@ -62,6 +67,9 @@ class Scoring:
     def validate(self) -> None:
         if self.num_runs < 1:
             raise UserError(f"the number of scoring runs K must be >= 1, got {self.num_runs}")
+        if self.per_seed and self.num_runs > PER_SEED_STRIDE:
+            raise UserError(f"scoring.per_seed gives each training seed at most {PER_SEED_STRIDE} scoring runs, "
+                            f"got K = {self.num_runs}")
         unknown = sorted(set(self.epochs) - set(SCORES) - {"forgetting"})
         if unknown:
             raise UserError(f"scoring.epochs names unknown score {unknown[0]!r}; choose from {[*SCORES, 'forgetting']}")

@@ -104,7 +104,7 @@ def _grid_jobs(preset: Preset, dataset: Dataset, size: int | None = None) -> lis
     result: list[Job] = []
     scores_key = config_key(scores_config(preset, dataset))
     if any(RULES[s] is not None for s in preset.scores):
-        runs = [Job(scoring_run_key(scores_key, seed), scoring_seed=seed) for seed in preset.scoring.seeds]
+        runs = [Job(scoring_run_key(scores_key, seed), scoring_seed=seed) for seed in preset.scoring_seeds()]
         result += [*runs, Job(scores_key, needs=tuple(job.key for job in runs))]
     for spec in plan(preset):
         key = config_key(run_config(preset, dataset, spec.score, spec.sparsity, spec.seed))

@@ -24,8 +24,9 @@ SPARSITY = 0.5
 
 @pytest.fixture
 def study(tiny_digits, tmp_path):
-    """(preset with every rule, its dataset, a store holding its scores)."""
-    preset = presets.with_overrides(tiny_digits, [f"scores={','.join(RULES)}", "ccs_bins=5"])
+    """(preset with every rule, its dataset, a store holding its scores), every seed pruned by the same scores
+    (per-seed scoring: tests/test_per_seed_scoring.py)."""
+    preset = presets.with_overrides(tiny_digits, [f"scores={','.join(RULES)}", "ccs_bins=5", "scoring.per_seed=false"])
     dataset = load_dataset(preset)
     store = Store(tmp_path / "runs")
     compute_scores(preset, dataset, store)
