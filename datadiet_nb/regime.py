@@ -353,8 +353,10 @@ def keep_ratios_by_size(results: pd.DataFrame, labels: dict[str, str] | None = N
         table = table[table["score"] != DENSE]
         frames.append(table.assign(**{"per class": size, "rule": table["score"].map(lambda r: labels.get(r, r))}))
     frame = pd.concat(frames, ignore_index=True)
-    index = ["per class", "rule"] + (["sparsity"] if frame["sparsity"].nunique() > 1 else [])
-    return frame.drop(columns=["score"] + [c for c in ["sparsity"] if c not in index]).set_index(index).round(3)
+    several = frame["sparsity"].nunique() > 1
+    index = ["per class", "rule", "sparsity"] if several else ["per class", "rule"]
+    dropped = ["score"] if several else ["score", "sparsity"]
+    return frame.drop(columns=dropped).set_index(index).round(3)
 
 
 def differences_table(differences: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
