@@ -165,8 +165,8 @@ def study_results(store: Store, studies: dict[str, Preset]) -> pd.DataFrame:
 def findings_table(results: pd.DataFrame) -> pd.DataFrame:
     """Every claim for every study in ``results`` (:func:`study_results`, one ``preset`` per study):
     :data:`COLUMNS`, with ``p_adjusted`` Holm's adjustment over every distinct test of the table (one that two
-    studies share counts once). For claim (iii) only the sparsity with the lowest adjusted p is kept (all of them
-    count in the family)."""
+    studies share counts once). For claim (iii) only the sparsity with the lowest adjusted p (then raw p) is kept
+    (all of them count in the family)."""
     rows = []
     for preset, records in results.groupby("preset", sort=True):
         rows += preset_findings(records, preset)
@@ -176,7 +176,7 @@ def findings_table(results: pd.DataFrame) -> pd.DataFrame:
     tests = with_adjusted_p(table.drop_duplicates(["claim", "result", "p"])[["claim", "result", "p"]])
     table = table.merge(tests, on=["claim", "result", "p"], how="left")
     table["verdict"] = table.apply(_verdict, axis=1)
-    best = table.sort_values("p_adjusted", na_position="last").drop_duplicates(["claim", "preset"])
+    best = table.sort_values(["p_adjusted", "p"], na_position="last").drop_duplicates(["claim", "preset"])
     order = {claim: index for index, claim in enumerate(CLAIMS)}
     best = best.assign(order=best["claim"].map(order)).sort_values(["preset", "order"])
     best["paper"] = best["claim"].map(lambda claim: CLAIMS[claim][1])
