@@ -26,6 +26,7 @@ import dataclasses
 
 from .experiment import load_dataset
 from .presets import DENSE, Preset, from_dict
+from .report import per_class_range
 from .results import load_results, paired_differences, with_adjusted_p
 from .store import Store
 
@@ -196,18 +197,14 @@ def findings_display(table: pd.DataFrame) -> pd.DataFrame:
 def presets_table(studies: dict[str, Preset], results: pd.DataFrame) -> pd.DataFrame:
     """What each study trained: one row per study (the index) with columns dataset, model, training images per
     class (before pruning; every size of a grid), test images per class, seeds, runs."""
-    def counts(labels: np.ndarray) -> str:
-        per_class = np.bincount(labels)
-        return f"{per_class.min():,}" if per_class.min() == per_class.max() else f"{per_class.min():,} to {per_class.max():,}"
-
     rows = []
     for name, preset in studies.items():
         dataset = load_dataset(preset)
         train = (", ".join(f"{size:,}" for size in preset.train_sizes) if preset.train_sizes
-                 else counts(dataset.train_labels.numpy()))
+                 else per_class_range(dataset.train_labels.numpy()))
         records = results[results["preset"] == name]
         rows.append({"study": name, "dataset": preset.dataset, "model": preset.model,
-                     "train images per class": train, "test images per class": counts(dataset.test_labels.numpy()),
+                     "train images per class": train, "test images per class": per_class_range(dataset.test_labels.numpy()),
                      "seeds": records["seed"].nunique(), "runs": records["key"].nunique()})
     return pd.DataFrame(rows).set_index("study")
 

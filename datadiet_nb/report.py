@@ -128,12 +128,16 @@ def study_numbers(preset: Preset) -> dict[str, GlueText]:
             **{f"{s}_label": GlueText(labels[s]) for s in SCORES}}
 
 
+def per_class_range(labels: np.ndarray) -> str:
+    """How many examples each class has: ``90``, or ``84 to 93`` where the classes differ."""
+    counts = np.bincount(labels)
+    return f"{counts.min():,}" if counts.min() == counts.max() else f"{counts.min():,} to {counts.max():,}"
+
+
 def scale_text(preset: Preset, train_labels: np.ndarray, test_labels: np.ndarray, num_seeds: int) -> GlueText:
     """How large the study is: the model, the training and test images per class, and the seeds."""
     def per_class(labels: np.ndarray) -> str:
-        counts = np.bincount(labels)
-        spread = f"{counts.min():,}" if counts.min() == counts.max() else f"{counts.min():,} to {counts.max():,}"
-        return f"{spread} per class ({len(labels):,} in all)"
+        return f"{per_class_range(labels)} per class ({len(labels):,} in all)"
 
     options = ", ".join(f"{name} {value}" for name, value in preset.model_options.items())
     return GlueText(f"{preset.model}{f' ({options})' if options else ''} on {preset.dataset}: training images "

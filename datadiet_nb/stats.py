@@ -133,24 +133,6 @@ def summarize_vs_dense(correct: list[np.ndarray], dense: list[np.ndarray], keep_
     return row
 
 
-def paired_below_p(pruned: np.ndarray, dense: np.ndarray) -> float:
-    """One-sided paired t-test that ``pruned`` is below ``dense`` (pairs: runs of the same seed); NaN with
-    fewer than two pairs or no spread in the differences."""
-    pruned, dense = np.asarray(pruned, dtype=np.float64), np.asarray(dense, dtype=np.float64)
-    if len(pruned) < 2 or np.ptp(pruned - dense) == 0:
-        return float("nan")
-    return float(scipy_stats.ttest_rel(pruned, dense, alternative="less").pvalue)
-
-
-def paired_two_sided_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided paired t-test that ``a`` and ``b`` differ (pairs: runs of the same seed); NaN with fewer than two
-    pairs or no spread in the differences."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or np.ptp(a - b) == 0:
-        return float("nan")
-    return float(scipy_stats.ttest_rel(a, b).pvalue)
-
-
 def t_interval(values: np.ndarray, confidence: float = CONFIDENCE, *, bounds: tuple[float, float] | None = None
                ) -> tuple[float, float, float]:
     """Mean and Student-t interval of a few independent values (e.g. K scoring runs); NaN bounds for one.
